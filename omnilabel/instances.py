@@ -208,15 +208,15 @@ class Instances:
         n = len(annotations)
         boxes = np.full((n, 4), np.nan)
         points = np.full((n, 2), np.nan)
-        has_mask = n > 0 and all("segmentation" in a for a in annotations)
+        has_mask = n > 0 and all(a.get("segmentation") is not None for a in annotations)
         rles = []
         for i, a in enumerate(annotations):
             if has_mask:
                 rles.append(segmentation_to_rle(a["segmentation"], h, w))
                 boxes[i] = box_xywh_to_xyxy(rle_to_bbox_xywh(rles[-1]))
-            if "bbox" in a and a["bbox"] is not None:
+            if a.get("bbox") is not None:
                 boxes[i] = box_xywh_to_xyxy(a["bbox"])
-            if "point" in a and a["point"] is not None:
+            if a.get("point") is not None:
                 points[i] = a["point"][:2]
         return cls((h, w), boxes_xyxy=boxes, masks=rles if has_mask else None,
                    scores=np.array([float(a.get("score", 1.0)) for a in annotations]),

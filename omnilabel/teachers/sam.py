@@ -1,0 +1,333 @@
+"""SAM inference: encode an image once, then decode all of its prompts in a few batched decoder calls.
+
+``SamTeacher.encode`` runs the image encoder (preprocessing identical to ``SamPredictor.set_image``);
+``SamTeacher.predict`` takes N prompts of mixed kinds — one positive point, one box, or both — groups them
+by kind, and runs the mask decoder once per group (and per chunk of ``max_prompts_per_call``), never once
+per prompt. Results equal ``segment_anything.SamPredictor``'s, prompt by prompt.
+
+Extension hook: ``SamTeacher.encode_prompts(batch)`` turns one ``PromptBatch`` into SAM's
+``(sparse, dense)`` prompt embeddings. A class-aware prompt module overrides it in a subclass; per-prompt
+side information (category ids, text embeddings) reaches it through ``predict(..., prompt_data=...)``,
+sliced to the batch as ``batch.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from omnilabel.errors import InputError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+
+@dataclass(frozen=True)
+class SamTeacherConfig:
+    """Settings of SAM inference.
+
+    Attributes:
+        multimask_single_point: a prompt made of a single point is ambiguous, so SAM predicts 3 masks
+            (whole, part, sub-part) and, by SAM's own convention (``SamAutomaticMaskGenerator``, the SAM
+            paper §3), the one with the highest predicted IoU is kept. False: SAM's single-output head.
+        max_prompts_per_call: largest number of prompts in one decoder call (a memory cap; results do not
+            depend on it). One call holds B x (1024² + H x W) float32 upsampled logits: at B = 64, ~0.5 GB
+            for a 1-MP image and ~3.4 GB for a 12-MP one.
+        mask_threshold: logit threshold of a mask pixel (``Sam.mask_threshold`` = 0.0).
+    """
+
+    multimask_single_point: bool = True
+    max_prompts_per_call: int = 64
+    mask_threshold: float = 0.0
+
+
+@dataclass
+class ImageEmbedding:
+    """The encoder's output for one image.
+
+    Attributes:
+        features: (1, C, g, g) float tensor on the teacher's device (C = 256, g = 64 for official SAMs).
+        original_size: ``(H, W)`` of the input image in pixels.
+        input_size: ``(h', w')`` of the image after ``ResizeLongestSide``, before padding to a square.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+@dataclass
+class SamOutput:
+    """One mask per prompt, in the order the prompts were given.
+
+    Attributes:
+        masks: (N, H, W) bool at the original image size.
+        iou_scores: (N,) float32 SAM's predicted IoU of each kept mask (not clipped; ~[0, 1] when trained).
+        low_res_logits: (N, 4g, 4g) float32 mask logits at the decoder's resolution (256 x 256 for
+            official SAMs), in the padded square input frame; usable as ``mask_logits`` of a later call.
+    """
+
+    masks: np.ndarray
+    iou_scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+@dataclass
+class PromptBatch:
+    """Prompts of one kind, ready for the prompt encoder (coordinates in the resized input frame).
+
+    Attributes:
+        indices: (B,) int64 positions of these prompts in the ``predict`` call.
+        points: (B, 1, 2) float32 point xy, or None.
+        point_labels: (B, 1) int32 point labels (1 = positive), or None.
+        boxes: (B, 4) float32 box xyxy, or None.
+        mask_logits: (B, 1, 4g, 4g) float32 low-res mask logits, or None.
+        data: the ``prompt_data`` columns of ``predict`` restricted to ``indices``.
+    """
+
+    indices: np.ndarray
+    points: torch.Tensor | None
+    point_labels: torch.Tensor | None
+    boxes: torch.Tensor | None
+    mask_logits: torch.Tensor | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multimask_candidate(self) -> bool:
+        """A single point with neither box nor mask: the ambiguous prompt SAM answers with 3 masks."""
+        return self.points is not None and self.boxes is None and self.mask_logits is None
+
+
+def _present_rows(arr: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    """Rows that hold a prompt: all finite. All-NaN rows hold none; anything else is an error."""
+    if arr is None:
+        return np.zeros(n, dtype=bool)
+    finite = np.isfinite(arr).all(axis=1)
+    partial = ~finite & ~np.isnan(arr).all(axis=1)
+    if partial.any():
+        raise InputError(
+            f"{name}: rows must be all finite (a prompt) or all NaN (no prompt)",
+            [f"{name}[{i}] = {arr[i].tolist()}" for i in np.flatnonzero(partial)[:10]],
+        )
+    return finite
+
+
+class SamTeacher:
+    """Encode once per image, decode batched prompts.
+
+    Args:
+        sam: a ``segment_anything.modeling.Sam`` (e.g. from ``omnilabel.models.sam_loader.load_sam``).
+        config: inference settings.
+        device: torch device string; the model is moved there. On CUDA the encoder and decoder run under
+            bf16 autocast where the GPU supports it (fp16 otherwise); the prompt encoder and mask upsampling
+            stay float32, since positional encodings of coordinates lose pixels in half precision. On CPU
+            everything is float32.
+
+    Attributes:
+        encoder_calls: image-encoder passes so far.
+        decoder_calls: mask-decoder calls so far.
+    """
+
+    def __init__(self, sam: Sam, *, config: SamTeacherConfig | None = None, device: str = "cpu") -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.config = config or SamTeacherConfig()
+        if self.config.max_prompts_per_call < 1:
+            raise InputError(f"max_prompts_per_call must be >= 1, got {self.config.max_prompts_per_call}")
+        self.device = torch.device(device)
+        self.sam = sam.to(self.device).eval()
+        self.image_size: int = sam.image_encoder.img_size
+        self.transform = ResizeLongestSide(self.image_size)
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def encode(self, image_rgb: np.ndarray) -> ImageEmbedding:
+        """Run the image encoder once.
+
+        Args:
+            image_rgb: (H, W, 3) uint8 RGB image.
+
+        Returns:
+            The image's ``ImageEmbedding``.
+
+        Raises:
+            InputError: the image is not (H, W, 3) uint8.
+        """
+        if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+            shape = getattr(image_rgb, "shape", None)
+            raise InputError(f"SAM expects an (H, W, 3) RGB image, got shape {shape}")
+        if image_rgb.dtype != np.uint8:
+            raise InputError(f"SAM expects a uint8 image, got {image_rgb.dtype}")
+        resized = self.transform.apply_image(image_rgb)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with torch.inference_mode(), self._autocast():
+            features = self.sam.image_encoder(self.sam.preprocess(x))
+        self.encoder_calls += 1
+        return ImageEmbedding(
+            features=features,
+            original_size=(int(image_rgb.shape[0]), int(image_rgb.shape[1])),
+            input_size=(int(resized.shape[0]), int(resized.shape[1])),
+        )
+
+    def encode_prompts(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed one batch of prompts; the hook a class-aware prompt module overrides.
+
+        Args:
+            batch: prompts of one kind, coordinates already in the resized input frame.
+
+        Returns:
+            sparse: (B, T, C) float32 token embeddings; dense: (B, C, g, g) float32 embeddings.
+        """
+        points = None if batch.points is None else (batch.points, batch.point_labels)
+        return self.sam.prompt_encoder(points=points, boxes=batch.boxes, masks=batch.mask_logits)
+
+    def predict(
+        self,
+        emb: ImageEmbedding,
+        *,
+        points_xy: np.ndarray | None = None,
+        boxes_xyxy: np.ndarray | None = None,
+        mask_logits: np.ndarray | None = None,
+        prompt_data: Mapping[str, Any] | None = None,
+    ) -> SamOutput:
+        """Predict one mask per prompt.
+
+        Prompt i holds a positive point if ``points_xy[i]`` is finite and a box if ``boxes_xyxy[i]`` is
+        (NaN rows hold none); with ``mask_logits`` every prompt also carries a mask prior. Prompts are
+        grouped by kind (point / box / point + box, and mask-only when ``mask_logits`` is given), and each
+        group runs through the decoder in chunks of ``max_prompts_per_call``. Only single-point prompts
+        without a mask prior use the multimask head (see ``SamTeacherConfig.multimask_single_point``).
+
+        Args:
+            emb: output of ``encode`` for the image.
+            points_xy: (N, 2) float pixel xy in the original image, NaN rows for none.
+            boxes_xyxy: (N, 4) float pixel xyxy in the original image, NaN rows for none.
+            mask_logits: (N, 4g, 4g) float low-res logits (e.g. a previous ``SamOutput.low_res_logits``).
+            prompt_data: per-prompt columns (length N) handed, sliced, to ``encode_prompts`` as
+                ``batch.data``; unused by this class.
+
+        Returns:
+            A ``SamOutput`` with N masks in input order.
+
+        Raises:
+            InputError: shapes disagree, a row is partly NaN, or a prompt is empty.
+        """
+        pts, bxs, mlg, n = self._check_prompts(points_xy, boxes_xyxy, mask_logits, emb)
+        data = dict(prompt_data or {})
+        for key, col in data.items():
+            if len(col) != n:
+                raise InputError(f"prompt_data[{key!r}] has length {len(col)}, expected {n} prompts")
+        has_pt = _present_rows(pts, n, "points_xy")
+        has_box = _present_rows(bxs, n, "boxes_xyxy")
+        if mlg is None and (empty := np.flatnonzero(~has_pt & ~has_box)).size:
+            raise InputError("every prompt needs a point, a box or a mask", [f"prompt {i}" for i in empty[:10]])
+
+        H, W = emb.original_size
+        grid = self.sam.prompt_encoder.mask_input_size
+        masks = np.zeros((n, H, W), dtype=bool)
+        scores = np.zeros(n, dtype=np.float32)
+        low_res = np.zeros((n, *grid), dtype=np.float32)
+        for batch in self._batches(emb, pts, bxs, mlg, has_pt, has_box, data):
+            m, s, lr = self._decode(emb, batch)
+            masks[batch.indices], scores[batch.indices], low_res[batch.indices] = m, s, lr
+        return SamOutput(masks=masks, iou_scores=scores, low_res_logits=low_res)
+
+    def _check_prompts(
+        self, points_xy: Any, boxes_xyxy: Any, mask_logits: Any, emb: ImageEmbedding
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
+        pts = None if points_xy is None else np.asarray(points_xy, dtype=np.float64)
+        bxs = None if boxes_xyxy is None else np.asarray(boxes_xyxy, dtype=np.float64)
+        mlg = None if mask_logits is None else np.asarray(mask_logits, dtype=np.float32)
+        problems = []
+        if pts is not None and (pts.ndim != 2 or pts.shape[1] != 2):
+            problems.append(f"points_xy: expected shape (N, 2), got {pts.shape}")
+        if bxs is not None and (bxs.ndim != 2 or bxs.shape[1] != 4):
+            problems.append(f"boxes_xyxy: expected shape (N, 4), got {bxs.shape}")
+        grid = tuple(self.sam.prompt_encoder.mask_input_size)
+        if mlg is not None and (mlg.ndim != 3 or mlg.shape[1:] != grid):
+            problems.append(f"mask_logits: expected shape (N, {grid[0]}, {grid[1]}), got {mlg.shape}")
+        lengths = {len(a) for a in (pts, bxs, mlg) if a is not None and a.ndim >= 1}
+        if len(lengths) > 1:
+            problems.append(f"prompt arrays disagree on N: {sorted(lengths)}")
+        if tuple(emb.features.shape[-2:]) != tuple(self.sam.prompt_encoder.image_embedding_size):
+            problems.append(f"embedding grid {tuple(emb.features.shape[-2:])} does not match this SAM")
+        if problems:
+            raise InputError("bad SAM prompts", problems)
+        return pts, bxs, mlg, (lengths.pop() if lengths else 0)
+
+    def _batches(
+        self,
+        emb: ImageEmbedding,
+        pts: np.ndarray | None,
+        bxs: np.ndarray | None,
+        mlg: np.ndarray | None,
+        has_pt: np.ndarray,
+        has_box: np.ndarray,
+        data: dict[str, Any],
+    ) -> Iterator[PromptBatch]:
+        """Group prompts by kind and chunk each group; coordinates go to the resized input frame."""
+        step = self.config.max_prompts_per_call
+        for kind_pt, kind_box in ((True, False), (False, True), (True, True), (False, False)):
+            group = np.flatnonzero((has_pt == kind_pt) & (has_box == kind_box))
+            for start in range(0, len(group), step):
+                idx = group[start : start + step]
+                points = labels = boxes = masks = None
+                if kind_pt:
+                    xy = self.transform.apply_coords(pts[idx], emb.original_size)  # type: ignore[index]
+                    points = torch.as_tensor(xy, dtype=torch.float, device=self.device)[:, None, :]
+                    labels = torch.ones((len(idx), 1), dtype=torch.int, device=self.device)
+                if kind_box:
+                    xyxy = self.transform.apply_boxes(bxs[idx], emb.original_size)  # type: ignore[index]
+                    boxes = torch.as_tensor(xyxy, dtype=torch.float, device=self.device)
+                if mlg is not None:
+                    masks = torch.as_tensor(mlg[idx], dtype=torch.float, device=self.device)[:, None]
+                yield PromptBatch(
+                    indices=idx,
+                    points=points,
+                    point_labels=labels,
+                    boxes=boxes,
+                    mask_logits=masks,
+                    data={k: _take(v, idx) for k, v in data.items()},
+                )
+
+    def _decode(self, emb: ImageEmbedding, batch: PromptBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One mask-decoder call: (B, H, W) bool masks, (B,) scores, (B, 4g, 4g) low-res logits."""
+        multimask = batch.multimask_candidate and self.config.multimask_single_point
+        with torch.inference_mode():
+            sparse, dense = self.encode_prompts(batch)
+            image_pe = self.sam.prompt_encoder.get_dense_pe()
+            with self._autocast():
+                low_res, iou = self.sam.mask_decoder(
+                    image_embeddings=emb.features,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+            self.decoder_calls += 1
+            low_res, iou = low_res.float(), iou.float()
+            if multimask:
+                best = iou.argmax(dim=1)
+                rows = torch.arange(len(best), device=best.device)
+                low_res, iou = low_res[rows, best][:, None], iou[rows, best][:, None]
+            low_res, iou = low_res[:, :1], iou[:, 0]
+            full = self.sam.postprocess_masks(low_res, emb.input_size, emb.original_size)
+            masks = full[:, 0] > self.config.mask_threshold
+        return masks.cpu().numpy(), iou.cpu().numpy(), low_res[:, 0].cpu().numpy()
+
+
+def _take(column: Any, idx: np.ndarray) -> Any:
+    if isinstance(column, (np.ndarray, torch.Tensor)):
+        return column[idx]
+    return [column[i] for i in idx]

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from omnilabel.errors import CheckpointError
+from omnilabel.models import registry
+from omnilabel.models.registry import (
+    REGISTRY,
+    WeightFile,
+    WeightSpec,
+    cache_dir,
+    download,
+    is_cached,
+    list_weights,
+    resolve,
+    weight_path,
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNILABEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OMNILABEL_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+
+
+def _serve(tmp_path: Path, name: str, content: bytes) -> str:
+    src = tmp_path / "remote" / name
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(content)
+    return src.as_uri()
+
+
+@pytest.fixture
+def local_urlopen(monkeypatch):
+    """Allow file:// URLs only (the real opener), keeping the network out of reach."""
+    real = urllib.request.build_opener(urllib.request.FileHandler()).open
+
+    def opener(url, *args, **kwargs):
+        if not str(url).startswith("file://"):
+            raise urllib.error.URLError("network is unreachable")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", opener)
+
+
+def _register(monkeypatch, spec: WeightSpec) -> None:
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+
+
+def test_registry_lists_the_official_weights():
+    names = {s.name: s for s in list_weights()}
+    assert {"vit_b", "vit_l", "vit_h", "grounding-dino-tiny", "grounding-dino-base", "clip-vit-b-32"} <= set(names)
+    vit_h = names["vit_h"]
+    assert vit_h.kind == "sam" and vit_h.architecture == "vit_h"
+    assert vit_h.files[0].url == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
+    assert vit_h.files[0].sha256 == "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"
+    tiny = names["grounding-dino-tiny"]
+    assert tiny.kind == "gdino" and len(tiny.files) == 7
+    assert tiny.files[1].url == "https://huggingface.co/IDEA-Research/grounding-dino-tiny/resolve/main/model.safetensors"
+    assert names["clip-vit-b-32"].architecture == "ViT-B-32"
+    for spec in names.values():
+        for wf in spec.files:
+            assert wf.sha256 is None or len(wf.sha256) == 64
+
+
+def test_cache_dir_honours_the_environment(tmp_path, monkeypatch):
+    assert cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("OMNILABEL_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "omnilabel"
+
+
+def test_weight_path_is_a_file_for_sam_and_a_directory_for_gdino(tmp_path):
+    assert weight_path("vit_b") == tmp_path / "cache" / "vit_b" / "sam_vit_b_01ec64.pth"
+    assert weight_path("clip-vit-b-32") == tmp_path / "cache" / "clip-vit-b-32" / "open_clip_pytorch_model.bin"
+    assert weight_path("grounding-dino-base") == tmp_path / "cache" / "grounding-dino-base"
+    with pytest.raises(CheckpointError, match="vit_b"):
+        weight_path("vit_x")
+
+
+def test_download_from_a_file_url_verifies_sha256(tmp_path, monkeypatch, local_urlopen):
+    content = b"sam weights" * 1000
+    url = _serve(tmp_path, "ckpt.pth", content)
+    spec = WeightSpec("tiny-sam", "sam", (WeightFile("ckpt.pth", url, hashlib.sha256(content).hexdigest()),),
+                      "test", "MIT")
+    _register(monkeypatch, spec)
+    assert not is_cached("tiny-sam")
+    path = download("tiny-sam", progress=False)
+    assert path == tmp_path / "cache" / "tiny-sam" / "ckpt.pth"
+    assert path.read_bytes() == content
+    assert is_cached("tiny-sam")
+    assert resolve("tiny-sam", kind="sam") == path
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]  # no temporary file left
+
+
+def test_download_with_progress_bar(tmp_path, monkeypatch, local_urlopen):
+    content = b"x" * 5000
+    url = _serve(tmp_path, "c.bin", content)
+    _register(monkeypatch, WeightSpec("tiny-clip", "clip", (WeightFile("c.bin", url, None, 5000),), "t", "MIT"))
+    assert download("tiny-clip", progress=True).read_bytes() == content
+
+
+def test_sha256_mismatch_deletes_the_file(tmp_path, monkeypatch, local_urlopen):
+    url = _serve(tmp_path, "ckpt.pth", b"corrupt")
+    spec = WeightSpec("bad", "sam", (WeightFile("ckpt.pth", url, "0" * 64),), "test", "MIT")
+    _register(monkeypatch, spec)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        download("bad", progress=False)
+    folder = tmp_path / "cache" / "bad"
+    assert not any(folder.iterdir())
+    assert not is_cached("bad")
+
+
+def test_size_is_checked_when_no_sha256_is_known(tmp_path, monkeypatch, local_urlopen):
+    url = _serve(tmp_path, "c.bin", b"12345")
+    _register(monkeypatch, WeightSpec("sized", "clip", (WeightFile("c.bin", url, None, 6),), "t", "MIT"))
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        download("sized", progress=False)
+    assert not is_cached("sized")
+
+
+def test_multi_file_download_fills_a_directory_and_skips_cached_files(tmp_path, monkeypatch, local_urlopen):
+    files = tuple(WeightFile(n, _serve(tmp_path, n, n.encode())) for n in ("config.json", "model.safetensors"))
+    _register(monkeypatch, WeightSpec("tiny-gdino", "gdino", files, "t", "Apache-2.0"))
+    path = download("tiny-gdino", progress=False)
+    assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "remote" / "config.json").unlink()  # a second call must not touch the network
+    assert download("tiny-gdino", progress=False) == path
+    with pytest.raises(CheckpointError, match="config.json"):
+        download("tiny-gdino", progress=False, force=True)
+
+
+def test_network_failure_names_the_file_the_path_and_the_command(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        resolve("vit_b", kind="sam")
+    msg = str(info.value)
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in msg
+    assert str(tmp_path / "cache" / "vit_b" / "sam_vit_b_01ec64.pth") in msg
+    assert "omnilabel weights download vit_b" in msg
+    assert "network is unreachable" in msg
+    assert not (tmp_path / "cache" / "vit_b" / "sam_vit_b_01ec64.pth").exists()
+
+
+def test_offline_forbids_downloads(tmp_path, monkeypatch, local_urlopen):
+    monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
+    url = _serve(tmp_path, "ckpt.pth", b"w")
+    _register(monkeypatch, WeightSpec("local", "sam", (WeightFile("ckpt.pth", url),), "t", "MIT"))
+    with pytest.raises(CheckpointError) as info:
+        resolve("local", kind="sam")
+    msg = str(info.value)
+    assert "OMNILABEL_OFFLINE" in msg
+    assert str(tmp_path / "cache" / "local" / "ckpt.pth") in msg
+    assert "omnilabel weights download local" in msg
+    with pytest.raises(CheckpointError, match="OMNILABEL_OFFLINE"):
+        download("local", progress=False)
+
+
+def test_gdino_offline_error_lists_every_missing_file(tmp_path, monkeypatch):
+    folder = tmp_path / "cache" / "grounding-dino-tiny"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError) as info:
+        resolve("grounding-dino-tiny", kind="gdino", allow_download=False)
+    msg = str(info.value)
+    assert str(folder / "model.safetensors") in msg and str(folder / "vocab.txt") in msg
+    assert str(folder / "config.json") not in msg
+
+
+def test_resolve_returns_an_existing_path_as_is(tmp_path):
+    ckpt = tmp_path / "my_sam.pth"
+    ckpt.write_bytes(b"w")
+    assert resolve(ckpt, kind="sam") == ckpt
+    assert resolve(str(tmp_path), kind="gdino") == tmp_path
+
+
+def test_resolve_uses_the_cache_without_downloading(tmp_path):
+    target = tmp_path / "cache" / "vit_l" / "sam_vit_l_0b3195.pth"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"cached")
+    assert resolve("vit_l", kind="sam") == target  # urlopen raises: the cache must be used
+
+
+def test_unknown_name_lists_the_known_names_of_that_kind():
+    with pytest.raises(CheckpointError) as info:
+        resolve("vit_q", kind="sam")
+    msg = str(info.value)
+    assert "vit_b, vit_l, vit_h" in msg and "grounding" not in msg
+    with pytest.raises(CheckpointError, match="grounding-dino-tiny, grounding-dino-base"):
+        resolve("/no/such/dir", kind="gdino")
+
+
+def test_a_name_of_another_kind_is_refused():
+    with pytest.raises(CheckpointError, match="is a sam checkpoint"):
+        resolve("vit_b", kind="clip")
+
+
+def test_is_cached_needs_every_file(tmp_path):
+    folder = tmp_path / "cache" / "grounding-dino-base"
+    folder.mkdir(parents=True)
+    for wf in REGISTRY["grounding-dino-base"].files[:-1]:
+        (folder / wf.filename).write_bytes(b"")
+    assert not registry.is_cached("grounding-dino-base")
+    (folder / REGISTRY["grounding-dino-base"].files[-1].filename).write_bytes(b"")
+    assert registry.is_cached("grounding-dino-base")
+    assert resolve("grounding-dino-base", kind="gdino") == folder
