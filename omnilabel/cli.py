@@ -92,7 +92,8 @@ def split(
     target = output or _default_output(coco, ".weak.json")
     write_coco(result, target)
     counts = summarize_weak(result)
-    table = Table(title=f"split → {target}")
+    out.print(f"wrote {target}")
+    table = Table(title="annotations by weak type")
     table.add_column("weak type")
     table.add_column("count", justify="right")
     for key, value in counts.items():
@@ -207,10 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # Usage errors (typer's bundled click): show the usage line and the problem, exit 2.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
