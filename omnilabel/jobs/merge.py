@@ -1,0 +1,83 @@
+"""Merge finished shards into one COCO file, streaming: memory holds one shard line at a time.
+
+Annotation ids are assigned 1, 2, … in shard order, then image order, then the order the teacher gave,
+so the merged file is identical however many workers made the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from omnilabel.jobs.jobdir import JobDir
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: str | Path,
+                 errors_path: str | Path | None = None) -> dict[str, Any]:
+    """Write ``header`` (every top-level key but ``annotations``) and all shards' annotations as COCO.
+
+    Args:
+        job: the job directory; every shard ``0..n_shards-1`` must be finished.
+        n_shards: number of shards.
+        header: COCO keys to write before the annotations (``images``, ``categories``, …).
+        output: the COCO file to write (atomically: temp file + rename).
+        errors_path: where to write one JSON line per image that failed (removed when there is none).
+
+    Returns:
+        Totals: ``counts`` (Counter per kind), ``seconds`` (Counter per stage), ``images`` done,
+        ``errors`` (number of failed images), ``annotations`` written.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    seconds: Counter = Counter()
+    n_images = n_errors = 0
+    next_id = 1
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    err_lines: list[str] = []
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("{")
+            for key, value in header.items():
+                if key != "annotations":
+                    f.write(f"{_dump(key)}:{_dump(value)},")
+            f.write('"annotations":[')
+            first = True
+            for shard in range(n_shards):
+                for rec in job.read_shard(shard):
+                    n_images += 1
+                    if rec.get("error"):
+                        n_errors += 1
+                        err_lines.append(_dump({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
+                                                "error": rec["error"]}))
+                        continue
+                    counts.update(rec.get("counts", {}))
+                    seconds.update(rec.get("seconds", {}))
+                    for ann in rec["annotations"]:
+                        ann = {"id": next_id, "image_id": rec["image_id"], **ann}
+                        next_id += 1
+                        f.write(("" if first else ",") + _dump(ann))
+                        first = False
+            f.write("]}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if errors_path is not None:
+        errors_path = Path(errors_path)
+        if err_lines:
+            errors_path.write_text("\n".join(err_lines) + "\n")
+        else:
+            errors_path.unlink(missing_ok=True)
+    return {"counts": counts, "seconds": seconds, "images": n_images, "errors": n_errors,
+            "annotations": next_id - 1}
