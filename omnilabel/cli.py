@@ -143,6 +143,151 @@ def synth(
     out.print(f"wrote {n} images and {path}")
 
 
+# -- teacher ---------------------------------------------------------------------------------------
+
+
+class WeakOpt(str, Enum):
+    auto = "auto"
+    none = "none"
+    tags = "tags"
+    points = "points"
+    boxes = "boxes"
+
+
+@app.command()
+def pseudomask(
+    coco: Annotated[Path, typer.Argument(help="Weak COCO JSON (tags, points, boxes; full masks pass through).")],
+    weak: Annotated[WeakOpt, typer.Option(
+        help="Which weak labels to use: `auto` (each annotation by what it carries), `points`, `boxes`, "
+             "`tags` (classes only), or `none` (ignore labels; detect every dataset class).")] = WeakOpt.auto,
+    images: Annotated[Path | None, typer.Option(help="Image folder [default: the JSON's folder].")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Pseudomask COCO JSON [default: COCO.pseudo.json beside the input].")] = None,
+    sam: Annotated[str, typer.Option(help="SAM checkpoint: vit_b, vit_l, vit_h or a path.")] = "vit_h",
+    detector: Annotated[str, typer.Option(
+        help="Grounding DINO: grounding-dino-tiny, grounding-dino-base, a local folder, or `none` (points then "
+             "use SAM's own box; tags/none need a detector).")] = "grounding-dino-tiny",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, …")] = "cpu",
+    box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
+    nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
+    job_dir: Annotated[Path | None, typer.Option(
+        help="Resumable job state [default: OUTPUT.job]; a rerun skips finished shards.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Restart a job directory that holds a different job.")] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 16,
+    allow_outside_images: Annotated[bool, typer.Option(
+        help="Accept absolute `file_name`s and ones that climb out of --images.")] = False,
+) -> None:
+    """Turn weak annotations into COCO pseudomasks with SAM and Grounding DINO.
+
+    Boxes prompt SAM directly; points go SAM → Grounding DINO refinement (Algorithm 1) → SAM with box and
+    point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM. Annotations with
+    a `segmentation` pass through untouched. Each image is encoded by SAM once.
+    """
+    from omnilabel.jobs.pseudomask import run_pseudomask
+    from omnilabel.teachers.loading import TeacherSpec
+    from omnilabel.teachers.pipeline import PipelineConfig
+
+    target = output or _default_output(coco, ".pseudo.json")
+    spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou)
+    config = PipelineConfig(weak=weak.value, box_threshold=box_threshold)
+    with _progress("pseudomask") as on_progress:
+        summary = run_pseudomask(coco, output=target, images_dir=images, spec=spec, config=config, job_dir=job_dir,
+                                 overwrite=overwrite, shard_size=shard_size,
+                                 allow_outside_images=allow_outside_images, on_progress=on_progress)
+    _print_summary(summary)
+
+
+def _progress(label: str):
+    """A context manager yielding ``on_progress(done, total)`` that drives one rich progress bar."""
+    import contextlib
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    @contextlib.contextmanager
+    def manager():
+        progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=False)
+        task = progress.add_task(label, total=None, rate="")
+        start: dict[str, float] = {}
+
+        def on_progress(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            start.setdefault("t", now)
+            start.setdefault("n", done)
+            rate = (done - start["n"]) / (now - start["t"]) if now > start["t"] else 0.0
+            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} img/s" if rate else "")
+
+        with progress:
+            yield on_progress
+
+    return manager()
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"wrote {summary['output']}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("images", str(summary["images"]))
+    if summary["skipped_shards"]:
+        table.add_row("shards resumed (not recomputed)", str(summary["skipped_shards"]))
+    for key in ("gt", "points", "boxes", "tags", "none"):
+        if summary["counts"].get(key):
+            label = "GT masks passed through" if key == "gt" else f"pseudomasks from {key}"
+            table.add_row(label, str(summary["counts"][key]))
+    table.add_row("empty masks dropped", str(summary["counts"].get("empty", 0)))
+    table.add_row("images that failed", str(summary["errors"]) + (f" (see {summary['errors_path']})"
+                                                                   if summary["errors"] else ""))
+    out.print(table)
+    n = max(summary["images"] - summary["errors"], 1)
+    stages = Table(title="seconds per image, by stage")
+    for stage in summary["seconds"]:
+        stages.add_column(stage, justify="right")
+    stages.add_column("wall (this run)", justify="right")
+    stages.add_row(*(f"{v / n:.3f}" for v in summary["seconds"].values()), f"{summary['wall_s']:.1f} s")
+    out.print(stages)
+
+
+@app.command()
+def weights(
+    action: Annotated[str, typer.Argument(help="`list`, `download NAME` or `path NAME`.")],
+    name: Annotated[str | None, typer.Argument(help="A weight name from `omnilabel weights list`.")] = None,
+    force: Annotated[bool, typer.Option(help="With download: fetch again even if cached.")] = False,
+) -> None:
+    """List, download or locate the model weights omnilabel uses.
+
+    Weights live in `$OMNILABEL_CACHE` (default `~/.cache/omnilabel`). Set `OMNILABEL_OFFLINE=1` to forbid
+    downloads; a missing file then fails with the path to put it at.
+    """
+    from omnilabel.models.registry import REGISTRY, cache_dir, download, is_cached, list_weights, weight_path
+
+    if action == "list":
+        table = Table(title=f"weights (cache: {cache_dir()})")
+        for col in ("name", "kind", "cached", "description"):
+            table.add_column(col)
+        for spec in list_weights():
+            table.add_row(spec.name, spec.kind, "yes" if is_cached(spec.name) else "no", spec.description)
+        out.print(table)
+        return
+    if action not in ("download", "path"):
+        raise InputError(f"weights: unknown action {action!r}; use list, download NAME or path NAME")
+    if name is None or name not in REGISTRY:
+        raise InputError(f"weights {action}: give one of: {', '.join(REGISTRY)}")
+    if action == "download":
+        out.print(str(download(name, force=force)))
+    else:
+        out.print(str(weight_path(name)))
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 
 
