@@ -173,7 +173,13 @@ def pseudomask(
     job_dir: Annotated[Path | None, typer.Option(
         help="Resumable job state [default: OUTPUT.job]; a rerun skips finished shards.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Restart a job directory that holds a different job.")] = False,
-    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per batch: the unit a worker takes at a time, and of resume.")] = 16,
+    num_workers: Annotated[int | None, typer.Option(
+        help="Ray workers, each loading the models once [default: one per GPU with --device cuda, else 1]; "
+             "0 runs in this process without Ray.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (`auto`, `ray://host:10001`) [default: a local Ray started here].")] = None,
     allow_outside_images: Annotated[bool, typer.Option(
         help="Accept absolute `file_name`s and ones that climb out of --images.")] = False,
 ) -> None:
@@ -190,11 +196,37 @@ def pseudomask(
     target = output or _default_output(coco, ".pseudo.json")
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou)
     config = PipelineConfig(weak=weak.value, box_threshold=box_threshold)
+    run_shards = _ray_executor(num_workers, address, device, "pseudomask")
     with _progress("pseudomask") as on_progress:
         summary = run_pseudomask(coco, output=target, images_dir=images, spec=spec, config=config, job_dir=job_dir,
-                                 overwrite=overwrite, shard_size=shard_size,
-                                 allow_outside_images=allow_outside_images, on_progress=on_progress)
+                                 overwrite=overwrite, shard_size=batch_size, allow_outside_images=allow_outside_images,
+                                 on_progress=on_progress, run_shards=run_shards)
     _print_summary(summary)
+
+
+def _ray_executor(num_workers: int | None, address: str | None, device: str, job: str) -> Any:
+    """None (in-process) for ``--num-workers 0``, else the job's Ray executor."""
+    if num_workers == 0:
+        if address is not None:
+            raise InputError("--num-workers 0 runs in this process; it cannot be combined with --address")
+        return None
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"--num-workers must be ≥ 0, got {num_workers}")
+    import os
+
+    from omnilabel.jobs.ray_runner import RayOptions
+
+    if num_workers is None:
+        import torch
+
+        num_workers = max(torch.cuda.device_count(), 1) if device.startswith("cuda") else 1
+    threads = max((os.cpu_count() or 1) // num_workers, 1)
+    options = RayOptions(address=address, num_workers=num_workers, device=device, threads_per_worker=threads)
+    if job == "pseudomask":
+        from omnilabel.jobs.pseudomask import ray_shards
+
+        return ray_shards(options)
+    raise InputError(f"no Ray executor for {job}")
 
 
 def _progress(label: str):

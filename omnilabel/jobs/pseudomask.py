@@ -70,16 +70,62 @@ class PseudomaskWorker:
                 rec.update(file_name=task.path, error=str(exc))
                 records.append(rec)
                 continue
-            result = self.pipeline.label_image(image, task.annotations)
+            try:
+                result = self._label_with_oom_retry(image, task.annotations)
+            except MemoryError as exc:
+                rec.update(file_name=task.path, error=f"out of memory even with 1 prompt per decoder call: {exc}")
+                records.append(rec)
+                continue
             seconds = dict(result.seconds)
             seconds["read"] = read_s
             rec.update(annotations=result.annotations, counts=dict(result.counts), seconds=seconds)
             records.append(rec)
         return records
 
+    def _label_with_oom_retry(self, image: Any, annotations: list[dict[str, Any]]) -> Any:
+        """Label one image; on out-of-memory halve SAM's prompts per decoder call and retry, down to 1.
+
+        Raises:
+            MemoryError: still out of memory at one prompt per call.
+        """
+        import dataclasses
+
+        import torch
+
+        sams = {id(t): t for t in (self.pipeline.teachers.sam, self.pipeline.teachers.point_sam,
+                                   self.pipeline.teachers.refine_sam) if t is not None}.values()
+        original = {id(t): t.config for t in sams}
+        try:
+            while True:
+                try:
+                    return self.pipeline.label_image(image, annotations)
+                except (torch.OutOfMemoryError, MemoryError) as exc:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if all(t.config.max_prompts_per_call <= 1 for t in sams):
+                        raise MemoryError(str(exc)) from exc
+                    for t in sams:
+                        t.config = dataclasses.replace(t.config,
+                                                       max_prompts_per_call=max(t.config.max_prompts_per_call // 2, 1))
+        finally:
+            for t in sams:
+                t.config = original[id(t)]
+
     @property
     def encoder_calls(self) -> int:
         return self.pipeline.teachers.sam.encoder_calls
+
+
+def task_from_dict(d: dict[str, Any]) -> ImageTask:
+    """Inverse of ``dataclasses.asdict`` for a task (how tasks travel to Ray workers)."""
+    return ImageTask(int(d["image_id"]), str(d["path"]), list(d["annotations"]))
+
+
+def ray_shards(options: Any) -> Callable[..., Iterable[tuple[int, list[dict[str, Any]]]]]:
+    """The Ray executor for this job (``options``: ``omnilabel.jobs.ray_runner.RayOptions``)."""
+    from omnilabel.jobs.ray_runner import ray_executor
+
+    return ray_executor(options, PseudomaskWorker, task_from_dict)
 
 
 def plan_tasks(data: dict[str, Any], images_dir: Path, *, allow_outside_images: bool) -> list[ImageTask]:

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 WeakMode = Literal["none", "tags", "points", "boxes", "auto"]
 WEAK_MODES: tuple[str, ...] = ("none", "tags", "points", "boxes", "auto")
+#: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
+SCORE_DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ class PseudomaskPipeline:
                 len(box_prompts) - n_box)
             extras = [{"weak": k} for k in kinds]
             for i in range(n_box, len(box_prompts)):
-                extras[i]["detector_score"] = float(box_prompts.scores[i])
+                extras[i]["detector_score"] = round(float(box_prompts.scores[i]), SCORE_DECIMALS)
             parts.append((inst, "box", extras))
 
         t0 = time.perf_counter()
@@ -248,6 +250,7 @@ class PseudomaskPipeline:
             for ann in kept.to_coco(image_id=0, extra=[{"omnilabel": m} for m in meta]):
                 ann.pop("id")
                 ann.pop("image_id")
+                ann["score"] = round(ann["score"], SCORE_DECIMALS)
                 result.annotations.append(ann)
                 result.counts[ann["omnilabel"]["weak"]] += 1
         result.seconds["encode_rle"] += time.perf_counter() - t0

@@ -86,7 +86,7 @@ def test_defaults_images_and_output_beside_input(capsys, dataset, tiny_sam_path)
 def test_killed_job_resumes_without_recomputing(capsys, dataset, tiny_sam_path, tiny_gdino_dir):
     weak = _write_weak(dataset, "mixed")
     common = ["pseudomask", weak, "--images", dataset / "images", "--sam", tiny_sam_path,
-              "--detector", tiny_gdino_dir, "--shard-size", "3"]
+              "--detector", tiny_gdino_dir, "--batch-size", "3", "--num-workers", "0"]
     code, _, err = run(capsys, *common, "-o", dataset / "ref.json")
     assert code == 0, err
     job = dataset / "ref.job"
@@ -143,3 +143,44 @@ def test_mode_misfit_fails_before_any_model_loads(capsys, dataset):
     weak = _write_weak(dataset, "boxes")
     code, _, err = run(capsys, "pseudomask", weak, "--weak", "points", "--sam", "/nonexistent/sam.pth")
     assert code == 1 and "annotation id=" in err and "--weak points" in err
+
+
+def test_out_of_memory_halves_the_prompt_batch_and_retries(dataset, tiny_sam_path, monkeypatch):
+    import torch
+
+    from omnilabel.data.coco import category_names, load_coco
+    from omnilabel.jobs.pseudomask import PseudomaskWorker, plan_tasks
+    from omnilabel.teachers.loading import TeacherSpec
+    from omnilabel.teachers.pipeline import PipelineConfig
+    from omnilabel.teachers.sam import SamTeacher
+
+    weak = _write_weak(dataset, "boxes")
+    data = load_coco(weak)
+    tasks = [t for t in plan_tasks(data, dataset / "images", allow_outside_images=False)
+             if sum("bbox" in a and "segmentation" not in a for a in t.annotations) >= 3][:2]
+    assert tasks
+    spec = TeacherSpec(sam=str(tiny_sam_path), detector="none")
+    worker = PseudomaskWorker(spec, {"sam": tiny_sam_path}, category_names(data), PipelineConfig(weak="boxes"))
+    expected = worker(tasks)
+
+    real_predict = SamTeacher.predict
+    seen = []
+
+    def predict_with_small_memory(self, emb, **kw):
+        seen.append(self.config.max_prompts_per_call)
+        if self.config.max_prompts_per_call > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_predict(self, emb, **kw)
+
+    monkeypatch.setattr(SamTeacher, "predict", predict_with_small_memory)
+    got = worker(tasks)
+    assert [r["annotations"] for r in got] == [r["annotations"] for r in expected]
+    assert seen[:4] == [64, 32, 16, 8] and 2 in seen
+    assert worker.pipeline.teachers.sam.config.max_prompts_per_call == 64  # restored after the image
+
+    def predict_never_fits(self, emb, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(SamTeacher, "predict", predict_never_fits)
+    failed = worker(tasks[:1])
+    assert "out of memory" in failed[0]["error"]

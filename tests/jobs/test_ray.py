@@ -1,0 +1,82 @@
+"""The same jobs on a real local Ray: equal to in-process, and a killed driver resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from omnilabel.data.weak import split_coco
+
+
+@pytest.fixture(scope="module")
+def job_inputs(shapes_coco, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rayjob")
+    shutil.copytree(shapes_coco.parent, root / "data")
+    gt = json.loads((root / "data" / "coco.json").read_text())
+    weak = root / "data" / "weak.json"
+    weak.write_text(json.dumps(split_coco(gt, fully=0.25, weak="mixed", seed=0)))
+    return root, weak
+
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "omnilabel.cli", *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def _anns(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["annotations"]
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["segmentation"] == y["segmentation"]
+        assert {k: v for k, v in x.items() if k not in ("score", "omnilabel")} == \
+            {k: v for k, v in y.items() if k not in ("score", "omnilabel")}
+        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+
+
+def test_two_ray_workers_equal_in_process(job_inputs, tiny_sam_path, tiny_gdino_dir):
+    root, weak = job_inputs
+    common = ["pseudomask", weak, "--images", root / "data" / "images", "--sam", tiny_sam_path,
+              "--detector", tiny_gdino_dir, "--batch-size", "3"]
+    ref = _cli(*common, "--num-workers", "0", "-o", root / "ref.json")
+    assert ref.returncode == 0, ref.stderr
+    par = _cli(*common, "--num-workers", "2", "-o", root / "ray.json")
+    assert par.returncode == 0, par.stderr
+    _same(_anns(root / "ref.json"), _anns(root / "ray.json"))
+    assert len(list((root / "ray.job" / "shards").glob("*.jsonl"))) == 4
+
+
+def test_sigkill_of_the_driver_then_resume(job_inputs, tiny_sam_path, tiny_gdino_dir):
+    root, weak = job_inputs
+    common = ["pseudomask", weak, "--images", root / "data" / "images", "--sam", tiny_sam_path,
+              "--detector", tiny_gdino_dir, "--batch-size", "1", "--num-workers", "0"]
+    ref = _cli(*common, "-o", root / "uninterrupted.json")
+    assert ref.returncode == 0, ref.stderr
+    out = root / "killed.json"
+    shards = root / "killed.job" / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "omnilabel.cli", *map(str, common), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(shards.glob("*.jsonl"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(shards.glob("*.jsonl"))
+    assert 3 <= len(finished) < 12, "the job should be killed part way"
+    assert not out.exists()
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+    again = _cli(*common, "-o", out)
+    assert again.returncode == 0, again.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished shards were recomputed"
+    assert out.read_bytes() == (root / "uninterrupted.json").read_bytes()
