@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -112,21 +113,29 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
     rows = [{"shard": i, "tasks": json.dumps([dataclasses.asdict(t) for t in shards[i]], separators=(",", ":"))}
             for i in sorted(shards)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(
-        _ShardActor,
-        fn_constructor_args=(worker_factory, worker_args, decode, options.threads_per_worker),
-        batch_size=1,
-        concurrency=max(1, min(options.num_workers, len(rows))),
-        num_gpus=1 if gpu else 0,
-        num_cpus=1 if gpu else ACTOR_CPUS,
-        max_restarts=options.max_retries,
-        max_task_retries=options.max_retries,
-    )
+    with warnings.catch_warnings():
+        # Bounded restarts still go through ray_remote_args (Ray Data's own default is to retry forever).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = _map_shards(ds, worker_factory, worker_args, decode, options, gpu=gpu, n_rows=len(rows))
     try:
         for row in ds.iter_rows():
             yield int(row["shard"]), json.loads(row["records"])
     except ray.exceptions.RayError as exc:
         raise JobError(f"a shard failed on Ray after {options.max_retries} retries: {exc}") from exc
+
+
+def _map_shards(ds: Any, worker_factory: Callable[..., Any], worker_args: tuple, decode: Callable[[Any], Any],
+                options: RayOptions, *, gpu: bool, n_rows: int) -> Any:
+    return ds.map_batches(
+        _ShardActor,
+        fn_constructor_args=(worker_factory, worker_args, decode, options.threads_per_worker),
+        batch_size=1,
+        concurrency=max(1, min(options.num_workers, n_rows)),
+        num_gpus=1 if gpu else 0,
+        num_cpus=1 if gpu else ACTOR_CPUS,
+        max_restarts=options.max_retries,
+        max_task_retries=options.max_retries,
+    )
 
 
 def ray_executor(options: RayOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]

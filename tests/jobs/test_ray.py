@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -80,3 +81,41 @@ def test_sigkill_of_the_driver_then_resume(job_inputs, tiny_sam_path, tiny_gdino
     assert again.returncode == 0, again.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished shards were recomputed"
     assert out.read_bytes() == (root / "uninterrupted.json").read_bytes()
+
+
+class _CrashOnceWorker:
+    """Dies (hard, like a segfault or a lost node) the first time it sees shard 1's image, then works."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, tasks):
+        if tasks[0]["image_id"] == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed")
+            os._exit(1)
+        return [{"image_id": t["image_id"], "pid": os.getpid()} for t in tasks]
+
+
+@dataclasses.dataclass
+class _Task:
+    image_id: int
+
+
+def _identity(d):
+    return d
+
+
+def test_a_crashed_actor_is_restarted_and_its_shard_retried(tmp_path):
+    from ray import cloudpickle
+
+    from omnilabel.jobs.ray_runner import RayOptions, run_on_ray
+
+    # test modules are not importable by Ray workers: ship this one's classes by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shards = {i: [_Task(i + 1)] for i in range(4)}
+    marker = tmp_path / "crashed"
+    got = dict(run_on_ray(_CrashOnceWorker, (str(marker),), shards, decode=_identity,
+                          options=RayOptions(num_workers=2, max_retries=2)))
+    assert marker.exists(), "the worker should have crashed once"
+    assert sorted(got) == [0, 1, 2, 3]
+    assert [r["image_id"] for r in got[1]] == [2]
