@@ -189,6 +189,7 @@ def pseudomask(
     point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM. Annotations with
     a `segmentation` pass through untouched. Each image is encoded by SAM once.
     """
+    from omnilabel.jobs.progress import progress_bar, summary_tables
     from omnilabel.jobs.pseudomask import run_pseudomask
     from omnilabel.teachers.loading import TeacherSpec
     from omnilabel.teachers.pipeline import PipelineConfig
@@ -197,11 +198,12 @@ def pseudomask(
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou)
     config = PipelineConfig(weak=weak.value, box_threshold=box_threshold)
     run_shards = _ray_executor(num_workers, address, device, "pseudomask")
-    with _progress("pseudomask") as on_progress:
+    with progress_bar("pseudomask", console) as on_progress:
         summary = run_pseudomask(coco, output=target, images_dir=images, spec=spec, config=config, job_dir=job_dir,
                                  overwrite=overwrite, shard_size=batch_size, allow_outside_images=allow_outside_images,
                                  on_progress=on_progress, run_shards=run_shards)
-    _print_summary(summary)
+    for table in summary_tables(summary):
+        out.print(table)
 
 
 def _ray_executor(num_workers: int | None, address: str | None, device: str, job: str) -> Any:
@@ -227,66 +229,6 @@ def _ray_executor(num_workers: int | None, address: str | None, device: str, job
 
         return ray_shards(options)
     raise InputError(f"no Ray executor for {job}")
-
-
-def _progress(label: str):
-    """A context manager yielding ``on_progress(done, total)`` that drives one rich progress bar."""
-    import contextlib
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    @contextlib.contextmanager
-    def manager():
-        progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=False)
-        task = progress.add_task(label, total=None, rate="")
-        start: dict[str, float] = {}
-
-        def on_progress(done: int, total: int) -> None:
-            import time
-
-            now = time.perf_counter()
-            start.setdefault("t", now)
-            start.setdefault("n", done)
-            rate = (done - start["n"]) / (now - start["t"]) if now > start["t"] else 0.0
-            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} img/s" if rate else "")
-
-        with progress:
-            yield on_progress
-
-    return manager()
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"wrote {summary['output']}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    table.add_row("images", str(summary["images"]))
-    if summary["skipped_shards"]:
-        table.add_row("shards resumed (not recomputed)", str(summary["skipped_shards"]))
-    for key in ("gt", "points", "boxes", "tags", "none"):
-        if summary["counts"].get(key):
-            label = "GT masks passed through" if key == "gt" else f"pseudomasks from {key}"
-            table.add_row(label, str(summary["counts"][key]))
-    table.add_row("empty masks dropped", str(summary["counts"].get("empty", 0)))
-    table.add_row("images that failed", str(summary["errors"]) + (f" (see {summary['errors_path']})"
-                                                                   if summary["errors"] else ""))
-    out.print(table)
-    n = max(summary["images"] - summary["errors"], 1)
-    stages = Table(title="seconds per image, by stage")
-    for stage in summary["seconds"]:
-        stages.add_column(stage, justify="right")
-    stages.add_column("wall (this run)", justify="right")
-    stages.add_row(*(f"{v / n:.3f}" for v in summary["seconds"].values()), f"{summary['wall_s']:.1f} s")
-    out.print(stages)
 
 
 @app.command()
