@@ -97,6 +97,20 @@ class PromptBatch:
     mask_logits: torch.Tensor | None
     data: dict[str, Any] = field(default_factory=dict)
 
+    def halves(self) -> tuple[PromptBatch, PromptBatch]:
+        """The first and second half of the batch (B ≥ 2), for retrying after out-of-memory."""
+        k = len(self.indices) // 2
+
+        def cut(x: Any, part: slice) -> Any:
+            return None if x is None else x[part]
+
+        return tuple(  # type: ignore[return-value]
+            PromptBatch(indices=self.indices[part], points=cut(self.points, part),
+                        point_labels=cut(self.point_labels, part), boxes=cut(self.boxes, part),
+                        mask_logits=cut(self.mask_logits, part),
+                        data={key: _take(v, np.arange(len(self.indices))[part]) for key, v in self.data.items()})
+            for part in (slice(0, k), slice(k, None)))
+
     @property
     def multimask_candidate(self) -> bool:
         """A single point with neither box nor mask: the ambiguous prompt SAM answers with 3 masks."""
@@ -145,6 +159,7 @@ class SamTeacher:
         self.transform = ResizeLongestSide(self.image_size)
         self.encoder_calls = 0
         self.decoder_calls = 0
+        self.oom_splits = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":
@@ -238,8 +253,20 @@ class SamTeacher:
         masks = np.zeros((n, H, W), dtype=bool)
         scores = np.zeros(n, dtype=np.float32)
         low_res = np.zeros((n, *grid), dtype=np.float32)
-        for batch in self._batches(emb, pts, bxs, mlg, has_pt, has_box, data):
-            m, s, lr = self._decode(emb, batch)
+        pending = list(self._batches(emb, pts, bxs, mlg, has_pt, has_box, data))
+        while pending:
+            batch = pending.pop(0)
+            try:
+                m, s, lr = self._decode(emb, batch)
+            except torch.OutOfMemoryError as exc:
+                # Halve the batch and retry (results do not depend on the batch size), down to one prompt.
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(batch.indices) <= 1:
+                    raise MemoryError(f"out of memory decoding a single prompt: {exc}") from exc
+                self.oom_splits += 1
+                pending[:0] = batch.halves()
+                continue
             masks[batch.indices], scores[batch.indices], low_res[batch.indices] = m, s, lr
         return SamOutput(masks=masks, iou_scores=scores, low_res_logits=low_res)
 

@@ -162,25 +162,27 @@ def test_out_of_memory_halves_the_prompt_batch_and_retries(dataset, tiny_sam_pat
     spec = TeacherSpec(sam=str(tiny_sam_path), detector="none")
     worker = PseudomaskWorker(spec, {"sam": tiny_sam_path}, category_names(data), PipelineConfig(weak="boxes"))
     expected = worker(tasks)
+    sam = worker.pipeline.teachers.sam
+    encodes = sam.encoder_calls
 
-    real_predict = SamTeacher.predict
-    seen = []
+    real_decode = SamTeacher._decode
+    sizes = []
 
-    def predict_with_small_memory(self, emb, **kw):
-        seen.append(self.config.max_prompts_per_call)
-        if self.config.max_prompts_per_call > 2:
+    def decode_with_small_memory(self, emb, batch):
+        sizes.append(len(batch.indices))
+        if len(batch.indices) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_predict(self, emb, **kw)
+        return real_decode(self, emb, batch)
 
-    monkeypatch.setattr(SamTeacher, "predict", predict_with_small_memory)
+    monkeypatch.setattr(SamTeacher, "_decode", decode_with_small_memory)
     got = worker(tasks)
     assert [r["annotations"] for r in got] == [r["annotations"] for r in expected]
-    assert seen[:4] == [64, 32, 16, 8] and 2 in seen
-    assert worker.pipeline.teachers.sam.config.max_prompts_per_call == 64  # restored after the image
+    assert sam.encoder_calls - encodes == len(tasks), "out-of-memory in the decoder must not re-encode"
+    assert sam.oom_splits > 0 and max(sizes) >= 3 and sizes.count(1) >= 3
 
-    def predict_never_fits(self, emb, **kw):
+    def decode_never_fits(self, emb, batch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(SamTeacher, "predict", predict_never_fits)
+    monkeypatch.setattr(SamTeacher, "_decode", decode_never_fits)
     failed = worker(tasks[:1])
     assert "out of memory" in failed[0]["error"]
