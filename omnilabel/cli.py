@@ -163,10 +163,20 @@ def pseudomask(
     images: Annotated[Path | None, typer.Option(help="Image folder [default: the JSON's folder].")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Pseudomask COCO JSON [default: COCO.pseudo.json beside the input].")] = None,
-    sam: Annotated[str, typer.Option(help="SAM checkpoint: vit_b, vit_l, vit_h or a path.")] = "vit_h",
+    sam: Annotated[str | None, typer.Option(
+        help="SAM checkpoint: vit_b, vit_l, vit_h or a path [default: the base a --teacher was fine-tuned "
+             "from, else vit_h].")] = None,
     detector: Annotated[str, typer.Option(
         help="Grounding DINO: grounding-dino-tiny, grounding-dino-base, a local folder, or `none` (points then "
              "use SAM's own box; tags/none need a detector).")] = "grounding-dino-tiny",
+    teacher: Annotated[Path | None, typer.Option(
+        help="Fine-tuned teacher file (`omnilabel finetune-teacher`) used for every SAM stage.")] = None,
+    teacher_refine: Annotated[Path | None, typer.Option(
+        help="Teacher file for stage 2 of the points setting (BP-SAM), overriding --teacher there; the "
+             "paper's pair is `--teacher p_sam.pt --teacher-refine bp_sam.pt`.")] = None,
+    clip: Annotated[str | None, typer.Option(
+        help="CLIP for class-aware teachers, a name or a path [default: the one the teacher was trained "
+             "with]; loaded only when a teacher has a class module.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, …")] = "cpu",
     box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
     nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
@@ -191,11 +201,14 @@ def pseudomask(
     """
     from omnilabel.jobs.progress import progress_bar, summary_tables
     from omnilabel.jobs.pseudomask import run_pseudomask
-    from omnilabel.teachers.loading import TeacherSpec
+    from omnilabel.teachers.loading import TeacherSpec, default_sam
     from omnilabel.teachers.pipeline import PipelineConfig
 
     target = output or _default_output(coco, ".pseudo.json")
-    spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou)
+    teacher_path = str(teacher) if teacher is not None else None
+    spec = TeacherSpec(sam=sam or default_sam(teacher_path), detector=detector, device=device,
+                       box_threshold=box_threshold, nms_iou=nms_iou, teacher=teacher_path,
+                       teacher_refine=str(teacher_refine) if teacher_refine is not None else None, clip=clip)
     config = PipelineConfig(weak=weak.value, box_threshold=box_threshold)
     run_shards = _ray_executor(num_workers, address, device, "pseudomask")
     with progress_bar("pseudomask", console) as on_progress:
@@ -205,6 +218,74 @@ def pseudomask(
     for table in summary_tables(summary):
         out.print(table)
 
+
+@app.command("finetune-teacher")
+def finetune_teacher(
+    coco: Annotated[Path, typer.Argument(
+        help="COCO JSON; its annotations with a `segmentation` (the fully annotated images) are trained on.")],
+    prompts: Annotated[str, typer.Option(
+        help="Prompts drawn from each GT mask: `points` (P-SAM: one random point inside), `boxes` (box-SAM: "
+             "the mask's box), `points+boxes` (BP-SAM: point, box or both).")] = "points+boxes",
+    images: Annotated[Path | None, typer.Option(help="Image folder [default: the JSON's folder].")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Teacher file [default: COCO.teacher.pt beside the input].")] = None,
+    sam: Annotated[str, typer.Option(help="Base SAM: vit_b, vit_l, vit_h or a checkpoint path.")] = "vit_h",
+    class_aware: Annotated[bool, typer.Option(
+        "--class-aware", help="Also train the ControlNet-style class prompt (CLIP text of each class).")] = False,
+    clip: Annotated[str, typer.Option(help="CLIP for --class-aware: a name or a checkpoint path.")] = "clip-vit-b-32",
+    clip_arch: Annotated[str | None, typer.Option(
+        help="open_clip architecture of a --clip path (e.g. ViT-B-32) [default: the registry's].")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (paper: 36,874).")] = 36_874,
+    lr_drop_step: Annotated[int | None, typer.Option(
+        help="Step at which the lr drops 10x [default: 75% of --steps; paper: 27,655].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Instances per step over all workers (paper: 32).")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-5).")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Seed of data order, prompts and point sampling.")] = 0,
+    train_encoder: Annotated[bool, typer.Option(
+        "--train-encoder", help="Also train the image encoder (small teachers from scratch; no embedding "
+                                "cache; the file then holds the encoder).")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 1000,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoints, embedding cache and loss log [default: OUTPUT.run].")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run in --run-dir again.")] = False,
+    num_workers: Annotated[int, typer.Option(
+        help="0: train in this process; N: N DDP workers on Ray Train (one GPU each with --device cuda).")] = 0,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (`auto`, `ray://host:10001`) [default: a local Ray started here].")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, …")] = "cpu",
+    allow_outside_images: Annotated[bool, typer.Option(
+        help="Accept absolute `file_name`s and ones that climb out of --images.")] = False,
+) -> None:
+    """Fine-tune SAM's prompt encoder and mask decoder on the fully annotated images: a teacher for pseudomask.
+
+    The image encoder stays frozen and each image is encoded once for the whole run. Loss 5·CE + 5·Dice on
+    12,544 uncertainty-sampled points per mask, AdamW, lr 1e-5 → 1e-6 at 75% of the steps. The teacher file
+    holds only what was trained and names its base SAM; use it with `omnilabel pseudomask --teacher`.
+    """
+    from omnilabel.jobs.train_teacher import run_finetune_teacher, training_progress
+    from omnilabel.teachers.finetune import FinetuneConfig
+    from omnilabel.teachers.finetune_data import parse_prompt_mode
+
+    config = FinetuneConfig(prompts=parse_prompt_mode(prompts), class_aware=class_aware, steps=steps,
+                            lr_drop_step=lr_drop_step, batch_size=batch_size, lr=lr, seed=seed,
+                            train_encoder=train_encoder, checkpoint_every=checkpoint_every)
+    target = output or _default_output(coco, ".teacher.pt")
+    with training_progress(console) as on_log:
+        summary = run_finetune_teacher(coco, output=target, config=config, images_dir=images, sam=sam, clip=clip,
+                                       clip_arch=clip_arch, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                                       num_workers=num_workers, address=address, device=device,
+                                       allow_outside_images=allow_outside_images, on_log=on_log)
+    table = Table(title=f"wrote {summary['output']} ({summary['size_mb']} MB)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("images / instances trained on", f"{summary['images']} / {summary['instances']}")
+    table.add_row("steps (resumed from)", f"{summary['steps']} ({summary['start_step']})")
+    if summary["last"]:
+        table.add_row("last loss", f"{summary['last']['loss']:.4f}")
+    table.add_row("run directory", summary["run_dir"])
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    out.print(table)
 
 def _ray_executor(num_workers: int | None, address: str | None, device: str, job: str) -> Any:
     """None (in-process) for ``--num-workers 0``, else the job's Ray executor."""
@@ -260,6 +341,126 @@ def weights(
         out.print(str(download(name, force=force)))
     else:
         out.print(str(weight_path(name)))
+
+
+# -- student ---------------------------------------------------------------------------------------
+
+
+class PresetOpt(str, Enum):
+    paper = "paper"
+    tiny = "tiny"
+
+
+@app.command("train-student")
+def train_student(
+    coco: Annotated[Path, typer.Argument(help="Training COCO JSON: ground truth and/or a pseudomask file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run directory (checkpoints, metrics, config).")],
+    images: Annotated[Path | None, typer.Option(help="Training image folder [default: the JSON's folder].")] = None,
+    val: Annotated[Path | None, typer.Option(help="Validation COCO JSON with GT masks: segm AP each epoch, "
+                                                  "best checkpoint kept as best.pt.")] = None,
+    val_images: Annotated[Path | None, typer.Option(help="Validation image folder [default: --val's folder].")]
+    = None,
+    preset: Annotated[PresetOpt, typer.Option(
+        help="`paper`: Mask2Former R50 recipe (1024 px, batch 32, 50 epochs, ImageNet weights). `tiny`: a "
+             "0.5 M-parameter model at 128 px from scratch, for tests and demos. Flags below override it.")]
+    = PresetOpt.paper,
+    backbone: Annotated[str | None, typer.Option(help="tiny, resnet18, resnet34, resnet50, resnet101, resnet152.")]
+    = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="`auto` (ImageNet weights, cached or downloaded), `none` (random init), or a local transformers "
+             "ResNet or Mask2Former (e.g. a released COCO checkpoint) directory [default: from --preset].")] = None,
+    num_queries: Annotated[int | None, typer.Option(help="Object queries [paper: 100].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels, multiple of 32 [paper: 1024].")]
+    = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 50].")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Train exactly this many steps, whatever --epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step over all workers [paper: 32].")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate; backbone ×0.1 [paper: 1e-4].")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Drop pseudomasks scoring lower [default: 0].")] = None,
+    pseudo_weight: Annotated[float | None, typer.Option(
+        help="Loss weight of pseudomask targets (mask, dice and class terms of their matched queries); GT "
+             "weighs 1 [default: 1].")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints [paper: 1000].")] = None,
+    data_workers: Annotated[int | None, typer.Option(help="Data-loading processes per worker [paper: 2].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (mixed precision on GPU).")] = "cpu",
+    num_workers: Annotated[int, typer.Option(
+        help="Ray Train workers (DDP; one GPU each with cuda); 0 trains in this process without Ray.")] = 0,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (`auto`, `ray://host:10001`) [default: a local Ray started here].")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run in --output again.")] = False,
+    allow_outside_images: Annotated[bool, typer.Option(
+        help="Accept absolute `file_name`s and ones that climb out of the image folders.")] = False,
+) -> None:
+    """Train a Mask2Former instance-segmentation student on ground truth plus pseudomasks.
+
+    Writes the run directory: `student.json` (what `predict` rebuilds the model from), `metrics.jsonl`,
+    `checkpoints/step_*.pt` (every --checkpoint-every steps and at each epoch end) and, with --val, `best.pt`.
+    """
+    from omnilabel.students.run import make_configs
+    from omnilabel.students.train import train_student as run_training
+    from omnilabel.students.train import training_display
+
+    model, train, weights = make_configs(
+        preset.value, backbone=backbone, pretrained=pretrained, num_queries=num_queries, image_size=image_size,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, min_score=min_score,
+        pseudo_weight=pseudo_weight, checkpoint_every=checkpoint_every, data_workers=data_workers, seed=seed)
+    with training_display(console) as on_metrics:
+        summary = run_training(coco, run_dir=output, images_dir=images, val_json=val, val_images_dir=val_images,
+                               model=model, train=train, pretrained=weights, device=device,
+                               num_workers=num_workers, address=address, resume=resume, overwrite=overwrite,
+                               allow_outside_images=allow_outside_images, on_metrics=on_metrics)
+    best = f", best val AP {summary['best_ap']:.3f}" if summary.get("best_ap") is not None else ""
+    out.print(f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s{best}; run directory {output}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory written by `omnilabel train-student`.")],
+    images: Annotated[Path | None, typer.Option(
+        help="Image folder; without --coco every image file in it, ids 1..N by name.")] = None,
+    coco: Annotated[Path | None, typer.Option(
+        help="COCO JSON naming the images and their ids (e.g. the validation GT).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="COCO results JSON to write.")] = Path(
+        "predictions.json"),
+    checkpoint: Annotated[str | None, typer.Option(
+        help="`best`, `last` or a checkpoint path [default: best, else last].")] = None,
+    score_thresh: Annotated[float, typer.Option(help="Drop predictions scoring lower.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Most predictions per image (Mask2Former: 100).")] = 100,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, … (mixed precision on GPU).")] = "cpu",
+    batch_size: Annotated[int, typer.Option(
+        help="Images per forward pass; also the unit a worker takes at a time, and of resume.")] = 8,
+    num_workers: Annotated[int | None, typer.Option(
+        help="Ray workers, each loading the student once [default: one per GPU with --device cuda, else 1]; "
+             "0 runs in this process without Ray.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (`auto`, `ray://host:10001`) [default: a local Ray started here].")] = None,
+    job_dir: Annotated[Path | None, typer.Option(
+        help="Resumable job state [default: OUTPUT.job]; a rerun skips finished shards.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Restart a job directory that holds a different job.")] = False,
+    allow_outside_images: Annotated[bool, typer.Option(
+        help="Accept absolute `file_name`s and ones that climb out of --images.")] = False,
+) -> None:
+    """Run a trained student over images and write COCO results (RLE masks, scores, boxes).
+
+    The output is a results list that `COCO.loadRes` and `omnilabel evaluate` read.
+    """
+    from omnilabel.jobs.progress import progress_bar
+    from omnilabel.students.inference import PredictConfig
+    from omnilabel.students.predict import predict_executor, run_predict
+
+    config = PredictConfig(score_thresh=score_thresh, top_k=top_k, batch_size=batch_size)
+    run_shards = predict_executor(num_workers, address=address, device=device)
+    with progress_bar("predict", console) as on_progress:
+        summary = run_predict(run, output=output, images_dir=images, coco=coco, checkpoint=checkpoint, config=config,
+                              device=device, job_dir=job_dir, overwrite=overwrite,
+                              allow_outside_images=allow_outside_images, on_progress=on_progress,
+                              run_shards=run_shards)
+    failed = f", {summary['errors']} failed (see {summary['errors_path']})" if summary["errors"] else ""
+    out.print(f"wrote {summary['predictions']} predictions for {summary['images']} images to {output}{failed}")
+    if "images_json" in summary:
+        out.print(f"image ids: {summary['images_json']}")
 
 
 # -- evaluation ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from omnilabel.jobs.jobdir import JobDir, file_sha256
 from omnilabel.jobs.merge import merge_shards
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, resolve_paths
 from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline, check_mode, effective_weak_type
+from omnilabel.teachers.teacher_ckpt import read_teacher
 
 #: Images per shard: the unit of resume (and, on Ray, of scheduling).
 DEFAULT_SHARD_SIZE = 16
@@ -53,7 +54,8 @@ class PseudomaskWorker:
 
     def __init__(self, spec: TeacherSpec, paths: dict[str, Path], categories: dict[int, str],
                  config: PipelineConfig) -> None:
-        self.pipeline = PseudomaskPipeline(load_teachers(spec, paths), categories, config=config)
+        self.pipeline = PseudomaskPipeline(load_teachers(spec, paths, categories=categories), categories,
+                                           config=config)
 
     def __call__(self, tasks: Sequence[ImageTask]) -> list[dict[str, Any]]:
         """One record per task: ``annotations``, ``counts``, ``seconds``, or ``error`` for a bad image."""
@@ -73,7 +75,7 @@ class PseudomaskWorker:
             try:
                 result = self._label_with_oom_retry(image, task.annotations)
             except MemoryError as exc:
-                rec.update(file_name=task.path, error=f"out of memory even with 1 prompt per decoder call: {exc}")
+                rec.update(file_name=task.path, error=f"out of memory: {exc}")
                 records.append(rec)
                 continue
             seconds = dict(result.seconds)
@@ -83,33 +85,21 @@ class PseudomaskWorker:
         return records
 
     def _label_with_oom_retry(self, image: Any, annotations: list[dict[str, Any]]) -> Any:
-        """Label one image; on out-of-memory halve SAM's prompts per decoder call and retry, down to 1.
+        """Label one image. Out-of-memory in SAM's decoder is handled there (the prompt batch is halved and
+        retried, down to one prompt); out-of-memory anywhere else (the encoder on a huge image, the
+        detector) fails this image only.
 
         Raises:
-            MemoryError: still out of memory at one prompt per call.
+            MemoryError: the image cannot be labelled in the memory available.
         """
-        import dataclasses
-
         import torch
 
-        sams = {id(t): t for t in (self.pipeline.teachers.sam, self.pipeline.teachers.point_sam,
-                                   self.pipeline.teachers.refine_sam) if t is not None}.values()
-        original = {id(t): t.config for t in sams}
         try:
-            while True:
-                try:
-                    return self.pipeline.label_image(image, annotations)
-                except (torch.OutOfMemoryError, MemoryError) as exc:
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    if all(t.config.max_prompts_per_call <= 1 for t in sams):
-                        raise MemoryError(str(exc)) from exc
-                    for t in sams:
-                        t.config = dataclasses.replace(t.config,
-                                                       max_prompts_per_call=max(t.config.max_prompts_per_call // 2, 1))
-        finally:
-            for t in sams:
-                t.config = original[id(t)]
+            return self.pipeline.label_image(image, annotations)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise MemoryError(str(exc)) from exc
 
     @property
     def encoder_calls(self) -> int:
@@ -196,6 +186,11 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
                 "images_dir": str(images_dir.resolve()), "n_images": len(tasks), "shard_size": shard_size,
                 "pipeline": asdict(config), "teacher": {**asdict(spec), "device": None},
                 "models": {"sam": model_id(spec.sam), "detector": model_id(spec.detector) if load_detector else None}}
+    teacher_files = {k: v for k, v in (("teacher", spec.teacher), ("teacher_refine", spec.teacher_refine)) if v}
+    for key, path in teacher_files.items():
+        read_teacher(path)  # a missing or foreign file fails here, before the job directory is written
+        manifest["models"][key] = model_id(path)
+        manifest["models"][key + "_sha256"] = file_sha256(path)
     job.open(manifest, overwrite=overwrite)
     done = job.finished(len(shards))
     todo = {i: shards[i] for i in range(len(shards)) if i not in done}

@@ -1,15 +1,32 @@
 """Build the teacher models a setting needs, from registry names or local paths.
 
-A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``.
+A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``; CLIP
+only when a fine-tuned teacher has a class module.
+
+Fine-tuned teachers (``omnilabel finetune-teacher``): ``teacher`` is used for every SAM stage (box-SAM,
+P-SAM, BP-SAM); ``teacher_refine`` replaces it for stage 2 of the points setting, so the paper's pair is
+``teacher = P-SAM, teacher_refine = BP-SAM``. Every teacher decodes from the one image encoder of the job
+(the base SAM's, or the teacher's own when it was trained with ``--train-encoder``), so each image is
+still encoded once; a teacher trained on another encoder is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omnilabel.errors import InputError
+from omnilabel.errors import CheckpointError, InputError
 from omnilabel.teachers.pipeline import Teachers
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+    from omnilabel.teachers.sam import SamTeacher, SamTeacherConfig
+    from omnilabel.teachers.teacher_ckpt import TeacherFile
+
+#: The base SAM when neither ``--sam`` nor a teacher names one (the paper's).
+DEFAULT_SAM = "vit_h"
 
 
 @dataclass(frozen=True)
@@ -23,14 +40,20 @@ class TeacherSpec:
         box_threshold: GDino confidence for tags/none (paper §4.1: 0.3).
         nms_iou: GDino NMS IoU (paper §4.1: 0.9).
         multimask_single_point: keep the best-IoU of SAM's 3 masks for a lone point (SAM's convention).
+        teacher: fine-tuned teacher file for every SAM stage, or None (plain SAM).
+        teacher_refine: teacher file for stage 2 of the points setting (BP-SAM), or None (``teacher``).
+        clip: CLIP name or path for class-aware teachers (default: the one the teacher was trained with).
     """
 
-    sam: str = "vit_h"
+    sam: str = DEFAULT_SAM
     detector: str = "grounding-dino-tiny"
     device: str = "cpu"
     box_threshold: float = 0.3
     nms_iou: float = 0.9
     multimask_single_point: bool = True
+    teacher: str | None = None
+    teacher_refine: str | None = None
+    clip: str | None = None
 
     @property
     def has_detector(self) -> bool:
@@ -43,37 +66,137 @@ def model_id(name_or_path: str) -> str:
     return p.name if (p.exists() or "/" in name_or_path) else name_or_path
 
 
+def default_sam(teacher: str | None) -> str:
+    """The base SAM to use when ``--sam`` is not given: the one ``teacher`` was fine-tuned from, else vit_h.
+
+    Raises:
+        CheckpointError: the teacher file cannot be read.
+    """
+    if teacher is None:
+        return DEFAULT_SAM
+    from omnilabel.teachers.teacher_ckpt import read_teacher
+
+    return read_teacher(teacher).base_source
+
+
+def _teacher_files(spec: TeacherSpec) -> dict[str, TeacherFile]:
+    from omnilabel.teachers.teacher_ckpt import read_teacher
+
+    named = (("teacher", spec.teacher), ("teacher_refine", spec.teacher_refine))
+    return {key: read_teacher(path) for key, path in named if path is not None}
+
+
 def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
     """Local paths of every model the job needs, downloading named ones first (before any image is read).
 
     Raises:
-        CheckpointError: a model is missing and cannot be downloaded (the message says what to do).
+        CheckpointError: a model is missing and cannot be downloaded (the message says what to do), or a
+            teacher file is missing or unreadable.
     """
     from omnilabel.models.registry import resolve
 
-    paths = {"sam": resolve(spec.sam, kind="sam")}
+    files = _teacher_files(spec)
+    paths = {key: tf.path for key, tf in files.items()}
+    main = files.get("teacher")
+    if main is None or not main.encoder_included:
+        paths["sam"] = resolve(spec.sam, kind="sam")
+    clip_teachers = [tf for tf in files.values() if tf.class_aware]
+    if clip_teachers:
+        sources = {tf.clip["source"] for tf in clip_teachers if tf.clip}
+        if spec.clip is None and len(sources) > 1:
+            raise CheckpointError(f"the teachers were trained with different CLIPs ({', '.join(sorted(sources))})")
+        paths["clip"] = resolve(spec.clip or sources.pop(), kind="clip")
     if load_detector and spec.has_detector:
         paths["detector"] = resolve(spec.detector, kind="gdino")
     return paths
 
 
-def load_teachers(spec: TeacherSpec, paths: dict[str, Path]) -> Teachers:
-    """Load the models at ``paths`` (from ``resolve_paths``) onto ``spec.device``."""
+def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict[int, str] | None = None) -> Teachers:
+    """Load the models at ``paths`` (from ``resolve_paths``) onto ``spec.device``.
+
+    Args:
+        spec: what to load.
+        paths: local files.
+        categories: category id → name of the dataset (class-aware teachers embed these names).
+
+    Raises:
+        CheckpointError: a teacher does not fit the loaded SAM or CLIP. InputError: no CUDA for ``cuda``.
+    """
     import torch
 
     from omnilabel.models.sam_loader import load_sam
     from omnilabel.teachers.gdino import GDinoConfig, GDinoTeacher
     from omnilabel.teachers.sam import SamTeacher, SamTeacherConfig
+    from omnilabel.teachers.teacher_ckpt import build_full_sam, read_teacher, state_dict_sha256
 
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {spec.device}: no CUDA device is available here; use --device cpu")
-    sam = SamTeacher(load_sam(paths["sam"], device=spec.device),
-                     config=SamTeacherConfig(multimask_single_point=spec.multimask_single_point),
-                     device=spec.device)
-    ids = {"sam": model_id(spec.sam)}
+    config = SamTeacherConfig(multimask_single_point=spec.multimask_single_point)
+    files = {key: read_teacher(paths[key]) for key in ("teacher", "teacher_refine") if key in paths}
+    main = files.get("teacher")
+    ids: dict[str, str] = {}
+    if main is not None and main.encoder_included:
+        encoder_sam = build_full_sam(main, device=spec.device)
+        encoder_sha, encoder_name = main.encoder_sha256, f"teacher {main.path}"
+        ids["sam"] = str(main.meta["base"]["id"])
+    else:
+        encoder_sam = load_sam(paths["sam"], device=spec.device)
+        ids["sam"] = model_id(spec.sam)
+        encoder_sha = state_dict_sha256(encoder_sam.image_encoder.state_dict()) if files else ""
+        encoder_name = f"--sam {spec.sam}"
+    clip = None
+    if "clip" in paths:
+        clip = _load_clip(paths["clip"], [tf for tf in files.values() if tf.class_aware], spec)
+        ids["clip"] = model_id(spec.clip or str(paths["clip"]))
+
+    def make(tf: TeacherFile | None) -> SamTeacher:
+        if tf is None:
+            return SamTeacher(encoder_sam, config=config, device=spec.device)
+        return _teacher(tf, encoder_sam, encoder_sha=encoder_sha, encoder_name=encoder_name, clip=clip,
+                        categories=categories or {}, config=config, device=spec.device)
+
+    sam = make(main)
+    refine = make(files["teacher_refine"]) if "teacher_refine" in files else None
+    for key, tf in files.items():
+        ids[key] = model_id(str(tf.path))
     detector = None
     if "detector" in paths:
         detector = GDinoTeacher(paths["detector"], device=spec.device,
                                 config=GDinoConfig(box_threshold=spec.box_threshold, nms_iou=spec.nms_iou))
         ids["detector"] = model_id(spec.detector)
-    return Teachers(sam=sam, detector=detector, model_ids=ids)
+    return Teachers(sam=sam, detector=detector, refine_sam=refine, model_ids=ids)
+
+
+def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_name: str, clip: object,
+             categories: dict[int, str], config: SamTeacherConfig, device: str) -> SamTeacher:
+    """A teacher's ``SamTeacher`` on the shared encoder (class-aware when the file has a class module)."""
+    from omnilabel.teachers.class_aware import ClassAwareSamTeacher
+    from omnilabel.teachers.sam import SamTeacher
+    from omnilabel.teachers.teacher_ckpt import attach_teacher, class_prompt_of
+
+    sam = attach_teacher(tf, encoder_sam, encoder_sha256=encoder_sha, encoder_name=encoder_name)
+    class_prompt = class_prompt_of(tf, sam)
+    if class_prompt is None:
+        return SamTeacher(sam, config=config, device=device)
+    return ClassAwareSamTeacher(sam, class_prompt, clip, categories, config=config, device=device)  # type: ignore[arg-type]
+
+
+def _load_clip(path: Path, teachers: list[TeacherFile], spec: TeacherSpec) -> object:
+    """The CLIP text encoder of the class-aware teachers, checked against what they were trained with.
+
+    Raises:
+        CheckpointError: its text tower differs from the one a teacher was trained with.
+    """
+    from omnilabel.teachers.clip_text import ClipTextEncoder
+    from omnilabel.teachers.teacher_ckpt import state_dict_sha256
+
+    record = teachers[0].clip or {}
+    encoder = ClipTextEncoder.from_pretrained(path, model_name=str(record["model_name"]), device=spec.device)
+    sha = state_dict_sha256(encoder.model.state_dict())
+    for tf in teachers:
+        if (tf.clip or {}).get("sha256") != sha:
+            raise CheckpointError(
+                f"teacher {tf.path} was trained with CLIP {tf.clip['id']!r} (text-tower sha256 "  # type: ignore[index]
+                f"{str(tf.clip['sha256'])[:12]}…), but {path} has {sha[:12]}…; "  # type: ignore[index]
+                f"pass --clip {tf.clip['source']}")  # type: ignore[index]
+    return encoder

@@ -1,0 +1,254 @@
+"""Training data for the student: which annotations it learns from, augmentation, batches.
+
+Annotations: every annotation with a ``segmentation`` (polygons, RLE or compressed RLE) is a target; ground
+truth (``omnilabel.source`` ``gt``, or no ``omnilabel`` object) always, pseudomasks (``source`` ``pseudo``)
+when their ``score`` is at least ``min_score``. Crowd annotations (``iscrowd`` 1) and annotations without a
+mask (weak boxes, points, tags left over) are skipped, as are images left without a target (detectron2's
+``FILTER_EMPTY_ANNOTATIONS``). Each target carries a weight: 1 for ground truth, ``pseudo_weight`` for a
+pseudomask (see ``omnilabel.students.loss`` for what it scales).
+
+Masks are decoded per sample, in the DataLoader's workers, so memory holds COCO strings, not bitmaps.
+
+Augmentation (Mask2Former's large-scale jitter, LSJ): scale the image so it fits a square of
+``image_size · s`` (``s`` uniform in ``scale_range``, 0.1-2.0), take a random ``image_size`` square crop
+(padding where the scaled image is smaller), flip horizontally with probability ``hflip_prob``. A target
+cropped away entirely is dropped. Evaluation resizes the longer side to ``image_size`` and pads bottom/right.
+Every random draw comes from a seed the sampler hands out with the index, so a batch is the same whatever
+the number of DataLoader workers, and a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from omnilabel.data.coco import annotations_by_image, resolve_image_path
+from omnilabel.data.images import read_image_rgb
+from omnilabel.ops.masks import rle_to_masks
+
+#: ImageNet mean and std of RGB in [0, 255] (what the ResNet backbones were trained with).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image: plain data, so it pickles to DataLoader workers.
+
+    Attributes:
+        path: the image file. height, width: its size (from the COCO file).
+        segmentations: the targets' COCO segmentations (any form).
+        labels: contiguous class labels in [0, K). weights: loss weights >= 0.
+    """
+
+    path: str
+    height: int
+    width: int
+    segmentations: list[Any]
+    labels: list[int]
+    weights: list[float]
+
+
+def training_samples(data: dict[str, Any], images_dir: Path, *, category_ids: Sequence[int], min_score: float = 0.0,
+                     pseudo_weight: float = 1.0, allow_outside_images: bool = False
+                     ) -> tuple[list[Sample], Counter]:
+    """The student's training images from a validated COCO dict (see the module docstring for the rules).
+
+    Args:
+        data: COCO dict (ground truth and/or an omnilabel pseudomask file).
+        images_dir: folder ``file_name`` values are relative to.
+        category_ids: COCO category ids; label ``i`` is ``category_ids[i]``.
+        min_score: pseudomasks with a lower ``score`` are dropped (ground truth never is).
+        pseudo_weight: loss weight of a pseudomask.
+        allow_outside_images: accept absolute ``file_name``s or ones that climb out of ``images_dir``.
+
+    Returns:
+        ``(samples, counts)``; counts of ``gt``, ``pseudo`` targets kept, ``low_score``, ``crowd``,
+        ``no_mask`` annotations dropped, ``empty_images`` skipped.
+    """
+    label_of = {cid: i for i, cid in enumerate(category_ids)}
+    counts: Counter = Counter()
+    samples = []
+    by_image = annotations_by_image(data)
+    for img in data["images"]:
+        segs, labels, weights = [], [], []
+        for ann in by_image[img["id"]]:
+            source = (ann.get("omnilabel") or {}).get("source", "gt")
+            if ann.get("iscrowd", 0):
+                counts["crowd"] += 1
+            elif ann.get("segmentation") in (None, [], {}):
+                counts["no_mask"] += 1
+            elif source == "pseudo" and float(ann.get("score", 1.0)) < min_score:
+                counts["low_score"] += 1
+            else:
+                counts["pseudo" if source == "pseudo" else "gt"] += 1
+                segs.append(ann["segmentation"])
+                labels.append(label_of[ann["category_id"]])
+                weights.append(pseudo_weight if source == "pseudo" else 1.0)
+        if not segs:
+            counts["empty_images"] += 1
+            continue
+        path = resolve_image_path(images_dir, img["file_name"], allow_outside_images=allow_outside_images)
+        samples.append(Sample(str(path), int(img["height"]), int(img["width"]), segs, labels, weights))
+    return samples, counts
+
+
+def _resize(t: torch.Tensor, size_hw: tuple[int, int], *, masks: bool) -> torch.Tensor:
+    """(C, H, W) float image (bilinear, antialiased) or (N, H, W) masks (nearest) to ``size_hw``."""
+    if t.shape[0] == 0:
+        return t.new_zeros((0, *size_hw))
+    if tuple(t.shape[-2:]) == size_hw:
+        return t
+    if masks:
+        return F.interpolate(t[None].float(), size=size_hw, mode="nearest-exact")[0] > 0.5
+    return F.interpolate(t[None], size=size_hw, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def normalize(image_rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB → (3, H, W) float32, ImageNet-normalised."""
+    t = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def lsj(image: torch.Tensor, masks: torch.Tensor, *, rng: np.random.Generator, image_size: int,
+        scale_range: tuple[float, float] = (0.1, 2.0), hflip_prob: float = 0.5
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Large-scale jitter + horizontal flip (see the module docstring).
+
+    Args:
+        image: (3, H, W) float32, normalised (padding is 0, the mean colour).
+        masks: (N, H, W) bool.
+        rng: the only source of randomness.
+        image_size: output side S in pixels.
+        scale_range: range of the uniform scale ``s``. hflip_prob: flip probability.
+
+    Returns:
+        ``(image (3, S, S) float32, masks (N, S, S) bool)``, aligned pixel for pixel.
+    """
+    _, height, width = image.shape
+    s = rng.uniform(*scale_range)
+    factor = min(image_size * s / height, image_size * s / width)
+    new_h, new_w = max(round(height * factor), 1), max(round(width * factor), 1)
+    crop_h, crop_w = min(new_h, image_size), min(new_w, image_size)
+    y0 = int(rng.integers(0, new_h - crop_h + 1))
+    x0 = int(rng.integers(0, new_w - crop_w + 1))
+    flip = rng.random() < hflip_prob
+    # Crop the source region first, so only what is kept gets resized (LSJ scales up to 2x).
+    sy0, sx0 = math.floor(y0 / factor), math.floor(x0 / factor)
+    sy1, sx1 = min(math.ceil((y0 + crop_h) / factor), height), min(math.ceil((x0 + crop_w) / factor), width)
+    out_hw = (max(round((sy1 - sy0) * factor), 1), max(round((sx1 - sx0) * factor), 1))
+    oy, ox = y0 - round(sy0 * factor), x0 - round(sx0 * factor)
+    region_img = _resize(image[:, sy0:sy1, sx0:sx1], out_hw, masks=False)[:, oy:oy + crop_h, ox:ox + crop_w]
+    region_masks = _resize(masks[:, sy0:sy1, sx0:sx1], out_hw, masks=True)[:, oy:oy + crop_h, ox:ox + crop_w]
+    out_img = image.new_zeros((3, image_size, image_size))
+    out_masks = torch.zeros((masks.shape[0], image_size, image_size), dtype=torch.bool)
+    h, w = region_img.shape[1:]
+    out_img[:, :h, :w] = region_img
+    out_masks[:, :h, :w] = region_masks[:, :h, :w]
+    if flip:
+        out_img, out_masks = out_img.flip(-1), out_masks.flip(-1)
+    return out_img, out_masks
+
+
+def eval_resize(image: torch.Tensor, *, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the longer side to S and pad bottom/right to S x S.
+
+    Args:
+        image: (3, H, W) float32, normalised.
+
+    Returns:
+        ``(image (3, S, S), (h, w))`` with ``(h, w)`` the size of the image inside the padded square.
+    """
+    _, height, width = image.shape
+    factor = image_size / max(height, width)
+    new_hw = (min(max(round(height * factor), 1), image_size), min(max(round(width * factor), 1), image_size))
+    out = image.new_zeros((3, image_size, image_size))
+    out[:, :new_hw[0], :new_hw[1]] = _resize(image, new_hw, masks=False)
+    return out, new_hw
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Items are ``(index, seed)`` pairs from :class:`EpochBatchSampler`; each returns one augmented sample.
+
+    Args:
+        samples: the training images.
+        image_size: side S of the square crops.
+        scale_range: LSJ scale range. hflip_prob: flip probability.
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, image_size: int, scale_range: tuple[float, float] = (0.1, 2.0),
+                 hflip_prob: float = 0.5) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.scale_range = scale_range
+        self.hflip_prob = hflip_prob
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = item
+        sample = self.samples[index]
+        rgb = read_image_rgb(sample.path)
+        height, width = rgb.shape[:2]
+        masks = torch.from_numpy(rle_to_masks(sample.segmentations, height, width))
+        image, masks = lsj(normalize(rgb), masks, rng=np.random.default_rng(seed), image_size=self.image_size,
+                           scale_range=self.scale_range, hflip_prob=self.hflip_prob)
+        keep = masks.flatten(1).any(1)
+        return {"pixel_values": image, "mask_labels": masks[keep],
+                "class_labels": torch.tensor(sample.labels, dtype=torch.int64)[keep],
+                "weights": torch.tensor(sample.weights, dtype=torch.float32)[keep]}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Stack images to (B, 3, S, S); masks (float32 in {0, 1}), labels and weights stay per-image lists."""
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "mask_labels": [it["mask_labels"].float() for it in items],
+            "class_labels": [it["class_labels"] for it in items],
+            "weights": [it["weights"] for it in items]}
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This worker's batches of one epoch: ``(index, augmentation seed)`` lists.
+
+    The epoch's order is a permutation drawn from ``(seed, epoch)``, repeated to fill ``steps_per_epoch``
+    global batches; global batch ``k`` is positions ``[k * B, (k + 1) * B)``, of which worker ``rank`` takes
+    the slice ``[rank * B / W, (rank + 1) * B / W)``. ``skip_steps`` starts mid-epoch (resume).
+
+    Args:
+        n: dataset size (> 0). batch_size: global batch B, divisible by ``world_size`` W.
+        seed: run seed. epoch: epoch number. rank, world_size: this worker and the number of workers.
+        skip_steps: batches of this epoch already done.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 skip_steps: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.rank, self.world_size, self.skip_steps = rank, world_size, skip_steps
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch_size: int) -> int:
+        return max(math.ceil(n / batch_size), 1)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch(self.n, self.batch_size) - self.skip_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        steps = self.steps_per_epoch(self.n, self.batch_size)
+        order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(steps * self.batch_size / self.n))])
+        seeds = rng.integers(0, 2**31 - 1, size=len(order))
+        per = self.batch_size // self.world_size
+        for step in range(self.skip_steps, steps):
+            lo = step * self.batch_size + self.rank * per
+            yield [(int(order[i]), int(seeds[i])) for i in range(lo, lo + per)]

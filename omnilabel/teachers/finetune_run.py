@@ -1,0 +1,318 @@
+"""One worker of a fine-tuning run: in-process, or one rank of a Ray Train (DDP) job.
+
+The run directory, shared by every worker (on a cluster it must be on storage every node sees)::
+
+    RUN_DIR/
+      run.json                   what the run is (input, base, settings); a resume must match it
+      embeddings/<sha[:16]>/     one <image_id>.pt per image, keyed by the encoder's sha256
+      checkpoints/last.pt        weights, optimizer state and step of the last checkpoint
+      log.jsonl                  one line per loss report
+      teacher.pt                 the finished teacher file
+
+Rank r encodes the images ``i % world_size == r`` that the cache lacks, then all ranks wait for each other.
+A run that finds ``checkpoints/last.pt`` continues from it: weights, AdamW state and step are restored, and
+the learning rate, data order, prompts and point samples are functions of the step, so the continued run
+computes what the uninterrupted one would have. Rank 0 writes checkpoints, the log and the teacher file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from omnilabel.errors import InputError, JobError
+from omnilabel.teachers.finetune import FinetuneConfig, LossMeter, SamTrainable, mask_losses, point_generator
+from omnilabel.teachers.finetune_data import (
+    EmbeddingCache,
+    TrainImage,
+    TrainInstance,
+    batch_instances,
+    decode_mask,
+    mask_in_input_frame,
+    sample_prompt,
+)
+from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, save_torch_atomic, state_dict_sha256
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+__all__ = ["FinetuneSetup", "RunPaths", "train_worker"]
+
+
+@dataclass(frozen=True)
+class FinetuneSetup:
+    """Everything a worker needs; plain data, so it pickles to Ray workers.
+
+    Attributes:
+        config: the recipe.
+        base_path: the base SAM checkpoint file. base_id: its short name; base_source: the name or absolute
+            path the user gave (recorded, and the default ``--sam`` of ``pseudomask --teacher``).
+        base_encoder_sha256: ``state_dict_sha256`` of the base's image encoder.
+        images: the fully annotated images. instances: their GT masks.
+        run_dir: the run directory.
+        class_ids: category ids, in the row order of ``class_text``.
+        class_text: (K, D) float32 CLIP text embeddings of the categories (class-aware runs).
+        clip: the CLIP record of the teacher file (class-aware runs).
+        threads: torch CPU threads of this worker (0: leave torch's default).
+    """
+
+    config: FinetuneConfig
+    base_path: str
+    base_id: str
+    base_source: str
+    base_encoder_sha256: str
+    images: tuple[TrainImage, ...]
+    instances: tuple[TrainInstance, ...]
+    run_dir: str
+    class_ids: tuple[int, ...] = ()
+    class_text: np.ndarray | None = None
+    clip: dict[str, Any] | None = None
+    threads: int = 0
+
+
+class RunPaths:
+    """Where the files of a run directory live (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir)
+        self.manifest = self.root / "run.json"
+        self.state = self.root / "checkpoints" / "last.pt"
+        self.log = self.root / "log.jsonl"
+        self.teacher = self.root / "teacher.pt"
+
+    def embeddings(self, encoder_sha256: str) -> Path:
+        return self.root / "embeddings" / encoder_sha256[:16]
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def encode_missing(sam: Sam, cache: EmbeddingCache, images: tuple[TrainImage, ...], *, rank: int, world_size: int,
+                   device: str) -> int:
+    """Encode this rank's share of the images that the cache lacks; returns how many it encoded.
+
+    Raises:
+        InputError: an image cannot be read, or its size differs from its COCO record (masks would not align).
+    """
+    from omnilabel.data.images import read_image_rgb
+    from omnilabel.teachers.sam import SamTeacher
+
+    teacher = SamTeacher(sam, device=device)
+    done = 0
+    for i, im in enumerate(images):
+        if i % world_size != rank or cache.has(im.image_id):
+            continue
+        rgb = read_image_rgb(im.path)
+        if rgb.shape[:2] != (im.height, im.width):
+            raise InputError(f"image id={im.image_id} ({im.path}) is {rgb.shape[1]}x{rgb.shape[0]} but its COCO "
+                             f"record says {im.width}x{im.height}")
+        emb = teacher.encode(rgb)
+        cache.save(im.image_id, emb.features, input_size=emb.input_size, original_size=emb.original_size)
+        done += 1
+    return done
+
+
+class _Batcher:
+    """Builds the tensors of one step on one worker."""
+
+    def __init__(self, setup: FinetuneSetup, sam: Sam, *, cache: EmbeddingCache | None, rank: int, world_size: int,
+                 device: torch.device) -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.setup, self.sam, self.cache = setup, sam, cache
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.image_size = int(sam.image_encoder.img_size)
+        self.transform = ResizeLongestSide(self.image_size)
+        self.class_rows = {c: i for i, c in enumerate(setup.class_ids)}
+        self.text = None if setup.class_text is None else torch.as_tensor(setup.class_text, device=device)
+        self._images: dict[int, torch.Tensor] = {}
+
+    def _image(self, index: int) -> torch.Tensor:
+        """(3, h', w') uint8 resized image, kept in memory (``--train-encoder`` runs only)."""
+        if index not in self._images:
+            from omnilabel.data.images import read_image_rgb
+
+            rgb = read_image_rgb(self.setup.images[index].path)
+            self._images[index] = torch.as_tensor(self.transform.apply_image(rgb)).permute(2, 0, 1).contiguous()
+        return self._images[index]
+
+    def __call__(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
+        """``(model inputs + "positions" (b,) global batch positions, gt (b, 1, S, S), b)`` of step ``step``."""
+        cfg, dev = self.setup.config, self.device
+        positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(self.setup.instances),
+                                             seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        b = len(positions)
+        pts, bxs = np.full((b, 2), np.nan), np.full((b, 4), np.nan)
+        gts, feats, image_of = [], [], []
+        for j, (pos, idx) in enumerate(zip(positions, indices, strict=True)):
+            inst = self.setup.instances[int(idx)]
+            im = self.setup.images[inst.image_index]
+            mask = decode_mask(inst)
+            point, box = sample_prompt(mask, cfg.prompts, np.random.default_rng([cfg.seed, step, int(pos)]))
+            if self.cache is not None:
+                f, input_size, original = self.cache.load(im.image_id)
+                feats.append(f)
+            else:
+                original = (im.height, im.width)
+                input_size = self.transform.get_preprocess_shape(im.height, im.width, self.image_size)
+                image_of.append(inst.image_index)
+            if np.isfinite(point).all():
+                pts[j] = self.transform.apply_coords(point[None], original)[0]
+            if np.isfinite(box).all():
+                bxs[j] = self.transform.apply_boxes(box[None], original)[0]
+            gts.append(mask_in_input_frame(mask, input_size=tuple(input_size), image_size=self.image_size, device=dev))
+        inputs: dict[str, Any] = {"features": None, "images": None, "image_index": None}
+        if self.cache is not None:
+            inputs["features"] = torch.stack(feats).to(dev, torch.float32)
+        else:
+            unique = sorted(set(image_of))
+            inputs["images"] = torch.cat([self.sam.preprocess(self._image(u).to(dev, torch.float32)[None])
+                                          for u in unique])
+            inputs["image_index"] = torch.as_tensor([unique.index(u) for u in image_of], device=dev)
+        has_pt, has_box = np.isfinite(pts).all(1), np.isfinite(bxs).all(1)
+        groups = []
+        for kind_pt, kind_box in ((True, False), (False, True), (True, True)):
+            rows = np.flatnonzero((has_pt == kind_pt) & (has_box == kind_box))
+            if not len(rows):
+                continue
+            text = None
+            if self.text is not None:
+                cats = [self.setup.instances[int(indices[r])].category_id for r in rows]
+                text = self.text[torch.as_tensor([self.class_rows[c] for c in cats], device=dev)]
+            groups.append({
+                "index": torch.as_tensor(rows, device=dev),
+                "points": torch.as_tensor(pts[rows], dtype=torch.float32, device=dev)[:, None] if kind_pt else None,
+                "labels": torch.ones((len(rows), 1), dtype=torch.int, device=dev) if kind_pt else None,
+                "boxes": torch.as_tensor(bxs[rows], dtype=torch.float32, device=dev) if kind_box else None,
+                "text": text, "multimask": kind_pt and not kind_box})
+        inputs["groups"] = groups
+        inputs["positions"] = positions
+        return inputs, torch.stack(gts), b
+
+
+def _build_model(setup: FinetuneSetup, sam: Sam, device: torch.device) -> SamTrainable:
+    cfg = setup.config
+    class_prompt = None
+    if cfg.class_aware:
+        from omnilabel.teachers.class_aware import ClassAwarePrompt
+
+        if setup.class_text is None:
+            raise InputError("a class-aware run needs the CLIP text embeddings of its categories")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            class_prompt = ClassAwarePrompt(sam.prompt_encoder, text_dim=int(setup.class_text.shape[1]))
+    return SamTrainable(sam, class_prompt=class_prompt, train_encoder=cfg.train_encoder).to(device)
+
+
+def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any], step: int) -> dict[str, Any]:
+    cfg = setup.config
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    encoder_sha = (state_dict_sha256(model.image_encoder.state_dict()) if model.image_encoder is not None
+                   else setup.base_encoder_sha256)
+    return {"format": TEACHER_FORMAT, "version": TEACHER_VERSION, "prompts": cfg.prompts,
+            "class_aware": cfg.class_aware, "step": step,
+            "base": {"id": setup.base_id, "source": setup.base_source, "encoder_sha256": setup.base_encoder_sha256},
+            "encoder_sha256": encoder_sha, "encoder_included": cfg.train_encoder, "arch": arch,
+            "clip": setup.clip, "config": cfg.to_dict(), "state": state}
+
+
+def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) the fine-tuning as one worker; with ``world_size`` > 1 the process group must exist.
+
+    Args:
+        setup: the run.
+        rank: this worker's rank. world_size: number of workers (DDP when > 1).
+        device: torch device string of this worker.
+        on_log: rank 0 calls it with each loss report ``{"step", "steps", "lr", "loss", "mask_loss",
+            "iou_loss", "seconds_per_step"}``, after any checkpoint of that step is written.
+
+    Returns:
+        ``{"steps", "start_step", "encoded", "last": the last report}``.
+
+    Raises:
+        JobError: the checkpoint in the run directory belongs to another run.
+        InputError: an unreadable or mis-sized image.
+    """
+    from omnilabel.models.sam_loader import load_sam, sam_arch_from_state_dict
+
+    cfg = setup.config
+    if setup.threads > 0:
+        torch.set_num_threads(setup.threads)
+    dev = torch.device(device)
+    paths = RunPaths(setup.run_dir)
+    sam = load_sam(setup.base_path, device=device)
+    arch = asdict(sam_arch_from_state_dict(sam.state_dict()))
+    cache, encoded = None, 0
+    if not cfg.train_encoder:
+        cache = EmbeddingCache(paths.embeddings(setup.base_encoder_sha256))
+        encoded = encode_missing(sam, cache, setup.images, rank=rank, world_size=world_size, device=device)
+        if _distributed(world_size):
+            torch.distributed.barrier()
+    model = _build_model(setup, sam, dev)
+    params = model.freeze_for(cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if paths.state.is_file():
+        state = torch.load(paths.state, map_location=dev, weights_only=True)
+        if state.get("config") != cfg.to_dict():
+            raise JobError(f"{paths.state} was written by a run with other settings; use another run directory")
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    model.train()
+    if dev.type == "cuda":
+        model.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    net: torch.nn.Module = model
+    if _distributed(world_size):
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+    batcher = _Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=dev)
+    meter, last = LossMeter(), {}
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if not _distributed(world_size):
+            return t
+        t = t.to(dev)
+        torch.distributed.all_reduce(t)
+        return (t / world_size).cpu()
+
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        inputs, gt, b = batcher(step)
+        positions = inputs.pop("positions")
+        outputs = net(**inputs)
+        mask_sum, iou_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        for g, (logits, iou) in zip(inputs["groups"], outputs, strict=True):
+            gens = [point_generator(cfg.seed, step, int(positions[r]), dev) for r in g["index"].tolist()]
+            m, i = mask_losses(logits, iou, gt[g["index"]], config=cfg, generators=gens)
+            mask_sum, iou_sum = mask_sum + m.sum(), iou_sum + i.sum()
+        loss = (mask_sum + cfg.iou_weight * iou_sum) / b
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add(float(loss.detach()), float(mask_sum.detach()) / b, float(iou_sum.detach()) / b)
+        done = step + 1
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_torch_atomic({"step": done, "config": cfg.to_dict(), "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict()}, paths.state)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = {"step": done, "steps": cfg.steps, "lr": cfg.lr_at(step), **meter.take(reduce)}
+            if rank == 0:
+                with open(paths.log, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if on_log is not None:
+                    on_log(last)
+    if rank == 0:
+        save_torch_atomic(_teacher_file(setup, model, arch, cfg.steps), paths.teacher)
+    if _distributed(world_size):
+        torch.distributed.barrier()
+    return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "last": last}
