@@ -1,7 +1,9 @@
 """The Mask2Former student: trained on ground truth plus pseudomasks, then run over new images.
 
-Modules: ``mask2former`` (configuration, presets, model build, pretrained weights, checkpoints), ``loss``
-(Mask2Former's loss with a weight per target), ``data`` (samples, augmentation, batches), ``train`` (the
-training loop and the run directory), ``ray_train`` (the same loop under Ray Train), ``predict`` (inference
-as a resumable per-image job).
+Modules: ``mask2former`` (architecture, presets, pretrained weights, model build), ``loss`` (Mask2Former's
+loss with a weight per target), ``data`` (which annotations count, augmentation, batches), ``run`` (the
+recipe, the run directory, checkpoints, loading a trained student), ``loop`` (the training loop, in-process
+or one DDP worker), ``ray_train`` (that loop under Ray Train), ``train`` (the ``train-student`` entry point
+and its display), ``inference`` (batched forward passes and post-processing), ``predict`` (the resumable
+``predict`` job).
 """

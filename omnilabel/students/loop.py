@@ -159,7 +159,6 @@ def train_loop(setup: RunSetup, *, device: torch.device | str = "cpu", rank: int
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best_ap = int(ckpt["step"]), ckpt.get("best_ap")
-        torch.manual_seed(cfg.seed + step)
     net: torch.nn.Module = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -193,6 +192,8 @@ def train_loop(setup: RunSetup, *, device: torch.device | str = "cpu", rank: int
                                              collate_fn=collate, pin_memory=device.type == "cuda")
         set_train_mode(net, freeze_backbone_bn=frozen_bn)
         for batch in loader:
+            # The loss's random points depend on (seed, step, worker) only: a resumed run continues exactly.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
             loss = _train_step(net, model, batch, optimizer, scaler, device=device, clip=cfg.grad_clip_norm)
             scheduler.step()
             step += 1

@@ -35,8 +35,8 @@ def _check_val(val: dict[str, Any], category_ids: list[int], val_json: Path) -> 
         raise InputError(f"{val_json}: categories {extra} are not among the training file's categories")
 
 
-def _start_or_resume(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Whether this is a resume; refuses to mix runs."""
+def _is_resume(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether this is a resume; refuses to mix runs. Changes nothing."""
     holds_run = (run_dir / STUDENT_JSON).exists()
     if resume and overwrite:
         raise InputError("--resume continues a run and --overwrite starts it again: pass one")
@@ -47,7 +47,6 @@ def _start_or_resume(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
     if holds_run and not overwrite:
         raise JobError(f"{run_dir} holds a training run; pass --resume to continue it or --overwrite to "
                        "start again, or choose another output directory")
-    clear_run(run_dir)  # also stray checkpoints: a fresh run starts from no checkpoint
     return False
 
 
@@ -102,8 +101,7 @@ def train_student(train_json: str | Path, *, run_dir: str | Path, images_dir: st
     if val_json is not None:
         val_json = Path(val_json)
         _check_val(load_coco(val_json, allow_outside_images=allow_outside_images), category_ids, val_json)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resuming = _start_or_resume(run_dir, resume=resume, overwrite=overwrite)
+    resuming = _is_resume(run_dir, resume=resume, overwrite=overwrite)
     source = None
     if resuming:
         stored = read_student(run_dir)
@@ -126,6 +124,9 @@ def train_student(train_json: str | Path, *, run_dir: str | Path, images_dir: st
                    "mask2former": m2f.to_dict()}
     student["data"] = {"train_json": str(train_json.resolve()), "images_dir": str(images_dir.resolve()),
                        "val_json": str(val_json.resolve()) if val_json else None}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        clear_run(run_dir)  # also stray checkpoints: a fresh run starts from no checkpoint
     write_json_atomic(student, run_dir / STUDENT_JSON)
     setup = RunSetup(run_dir=str(run_dir.resolve()), train_json=str(train_json.resolve()),
                      images_dir=str(images_dir.resolve()), val_json=str(val_json.resolve()) if val_json else None,
@@ -161,7 +162,7 @@ def training_display(console: Any) -> Iterator[OnMetrics]:
                         TextColumn("steps  loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     task = progress.add_task("train", total=None, epoch="-", loss="-", lr="-", rate="")
-    plan = {"steps_per_epoch": 1, "epochs": 1}
+    plan = {"steps_per_epoch": 1, "epochs": 1, "shown": False}
 
     def epoch_of(step: int) -> str:
         return f"{min(step // plan['steps_per_epoch'] + 1, plan['epochs'])}/{plan['epochs']}"
@@ -169,6 +170,9 @@ def training_display(console: Any) -> Iterator[OnMetrics]:
     def on_metrics(rec: dict[str, Any]) -> None:
         event = rec.get("event")
         if event == "start":
+            if not plan["shown"]:  # shown once training starts, not while inputs are checked
+                progress.start()
+                plan["shown"] = True
             plan.update(steps_per_epoch=rec["steps_per_epoch"], epochs=rec["epochs"])
             progress.update(task, total=rec["total_steps"], completed=rec["step"], epoch=epoch_of(rec["step"]))
             if rec.get("resumed_from"):
@@ -182,5 +186,8 @@ def training_display(console: Any) -> Iterator[OnMetrics]:
             progress.console.print(f"epoch {rec['epoch'] + 1}, step {rec['step']}: val AP {val['AP']:.3f}  "
                                    f"AP50 {val['AP50']:.3f}  AP75 {val['AP75']:.3f}{best}")
 
-    with progress:
+    try:
         yield on_metrics
+    finally:
+        if plan["shown"]:
+            progress.stop()

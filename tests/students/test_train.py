@@ -1,12 +1,9 @@
-"""Training and running the student as a user does: the CLI in-process, Ray Train and Ray predict in
-subprocesses (as ``tests/jobs/test_ray.py`` does), pycocotools as the judge."""
+"""Training and running the student as a user does: through the CLI, in-process and on a real local Ray
+(one Ray for this module, started by the first Ray command, shut down at the end), pycocotools as the judge."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,10 +32,13 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
-def subprocess_cli(*argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "omnilabel.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=600)
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray started in this process by the first command that needs it; shut down after the module."""
+    yield
+    import ray
+
+    ray.shutdown()
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -149,17 +149,21 @@ def test_run_directory_is_not_reused_by_accident(trained, scenes, capsys):
     assert code == 1 and "num_queries" in err
 
 
-def test_ray_train_two_workers_then_resume(scenes, tmp_path):
+def test_ray_train_two_workers_then_resume(scenes, tmp_path, capsys, local_ray):
     run = tmp_path / "ray_run"
     common = ["train-student", scenes / "train" / "coco.json", "--images", scenes / "train" / "images",
               "--preset", "tiny", "--num-workers", "2", "--checkpoint-every", "2", "-o", run]
-    first = subprocess_cli(*common, "--max-steps", "4")
-    assert first.returncode == 0, first.stderr[-3000:]
+    val = ["--val", scenes / "val" / "coco.json", "--val-images", scenes / "val" / "images"]
+    code, _, err = cli(capsys, *common, *val, "--max-steps", "4")
+    assert code == 0, err[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
     start = next(e for e in _metrics(run) if e["event"] == "start")
     assert start["workers"] == 2 and start["resumed_from"] is None
-    second = subprocess_cli(*common, "--max-steps", "8", "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
+    # validation: each worker predicts half of the 8 images, worker 0 scores them all
+    epoch = next(e for e in _metrics(run) if e["event"] == "epoch")
+    assert epoch["step"] == 4 and 0 <= epoch["val"]["AP"] <= 1 and (run / "best.pt").is_file()
+    code, _, err = cli(capsys, *common, *val, "--max-steps", "8", "--resume")
+    assert code == 0, err[-3000:]
     starts = [e for e in _metrics(run) if e["event"] == "start"]
     assert starts[-1]["step"] == 4 and starts[-1]["resumed_from"].endswith("step_00000004.pt")
     steps = [e["step"] for e in _metrics(run) if e["event"] == "step"]
@@ -169,17 +173,36 @@ def test_ray_train_two_workers_then_resume(scenes, tmp_path):
     assert ckpt["step"] == 8 and ckpt["scheduler"]["last_epoch"] == 8
 
 
-def test_predict_on_ray_equals_in_process(trained, scenes, tmp_path, capsys):
+def test_predict_on_ray_equals_in_process(trained, scenes, tmp_path, capsys, local_ray):
     gt, images = scenes / "test" / "coco.json", scenes / "test" / "images"
     code, _, err = cli(capsys, "predict", trained, "--coco", gt, "--images", images, "--num-workers", "0",
                        "--batch-size", "4", "-o", tmp_path / "ref.json")
     assert code == 0, err
-    ray = subprocess_cli("predict", trained, "--coco", gt, "--images", images, "--num-workers", "2",
-                         "--batch-size", "4", "-o", tmp_path / "ray.json")
-    assert ray.returncode == 0, ray.stderr[-3000:]
+    code, _, err = cli(capsys, "predict", trained, "--coco", gt, "--images", images, "--num-workers", "2",
+                       "--batch-size", "4", "-o", tmp_path / "ray.json")
+    assert code == 0, err[-3000:]
+    assert len(list((tmp_path / "ray.job" / "shards").glob("*.jsonl"))) == 4
     ref, par = json.loads((tmp_path / "ref.json").read_text()), json.loads((tmp_path / "ray.json").read_text())
     assert len(ref) == len(par)
     for a, b in zip(ref, par, strict=True):
         assert (a["image_id"], a["category_id"], a["segmentation"]) == (b["image_id"], b["category_id"],
                                                                         b["segmentation"])
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_in_process_resume_ends_where_an_uninterrupted_run_does(scenes, tmp_path):
+    from omnilabel.students.run import checkpoint_path, make_configs
+    from omnilabel.students.train import train_student
+
+    run = tmp_path / "run"
+    model, train, pretrained = make_configs("tiny", max_steps=6, checkpoint_every=3)
+    args = {"images_dir": scenes / "train" / "images", "run_dir": run, "model": model, "train": train,
+            "pretrained": pretrained}
+    train_student(scenes / "train" / "coco.json", **args)
+    straight = torch.load(checkpoint_path(run, 6), weights_only=False)
+    checkpoint_path(run, 6).unlink()  # as if the run had been killed after step 3's checkpoint
+    summary = train_student(scenes / "train" / "coco.json", **args, resume=True)
+    assert summary["resumed_from"].endswith("step_00000003.pt") and summary["steps"] == 6
+    resumed = torch.load(checkpoint_path(run, 6), weights_only=False)
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
