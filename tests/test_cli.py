@@ -32,7 +32,8 @@ def shapes(tmp_path_factory) -> Path:
 def test_help_of_every_command(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "split" in out and "evaluate" in out
-    for cmd in ("split", "validate", "synth", "evaluate"):
+    for cmd in ("split", "validate", "synth", "pseudomask", "finetune-teacher", "train-student", "predict",
+                "evaluate", "weights"):
         code, out, _ = run(capsys, cmd, "--help")
         assert code == 0, cmd
         assert "Usage" in out and len(out) > 200, cmd

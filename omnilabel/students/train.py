@@ -139,7 +139,7 @@ def train_student(train_json: str | Path, *, run_dir: str | Path, images_dir: st
 
         summary = train_loop(setup, device=device, on_metrics=on_metrics)
     else:
-        from omnilabel.students.ray_train import fit_on_ray
+        from omnilabel.jobs.train_student import fit_on_ray
 
         summary = fit_on_ray(setup, num_workers=num_workers, address=address, on_metrics=on_metrics)
     return {**summary, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t0}

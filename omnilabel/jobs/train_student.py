@@ -7,7 +7,7 @@ torch threads). Worker 0 writes the run directory (checkpoints, ``metrics.jsonl`
 Train's own bookkeeping goes under ``RUN_DIR/ray``. A failed worker group is restarted (twice) and
 continues from the last checkpoint; after that the run fails, and ``--resume`` continues it later.
 
-This is the only student module that imports ray (lazily, inside functions).
+Ray is imported lazily, inside functions; ray imports live only in ``omnilabel.jobs``.
 """
 
 from __future__ import annotations
