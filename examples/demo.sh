@@ -18,3 +18,15 @@ step "3. check the weak file and every image it names"
 
 step "4. score the ground truth against itself (AP must be 1.0)"
 "$omnilabel" evaluate "$out/shapes/coco.json" --gt "$out/shapes/coco.json"
+
+step "5. a held-out set to measure the student on (16 new images, another seed)"
+"$omnilabel" synth "$out/heldout" --n 16 --seed 1
+
+step "6. train a tiny Mask2Former student on the 40 annotated images (CPU, about a minute)"
+"$omnilabel" train-student "$out/shapes/coco.json" --images "$out/shapes/images" --preset tiny --max-steps 600 --num-workers 0 \
+    -o "$out/student" --overwrite
+
+step "7. predict on the held-out images, then score them"
+"$omnilabel" predict "$out/student" --coco "$out/heldout/coco.json" --images "$out/heldout/images" \
+    -o "$out/heldout/predictions.json" --num-workers 0 --overwrite
+"$omnilabel" evaluate "$out/heldout/predictions.json" --gt "$out/heldout/coco.json"
