@@ -200,7 +200,8 @@ def pseudomask(
     a `segmentation` pass through untouched. Each image is encoded by SAM once.
     """
     from omnilabel.jobs.progress import progress_bar, summary_tables
-    from omnilabel.jobs.pseudomask import run_pseudomask
+    from omnilabel.jobs.pseudomask import ray_shards, run_pseudomask
+    from omnilabel.jobs.ray_runner import ray_options
     from omnilabel.teachers.loading import TeacherSpec, default_sam
     from omnilabel.teachers.pipeline import PipelineConfig
 
@@ -210,7 +211,8 @@ def pseudomask(
                        box_threshold=box_threshold, nms_iou=nms_iou, teacher=teacher_path,
                        teacher_refine=str(teacher_refine) if teacher_refine is not None else None, clip=clip)
     config = PipelineConfig(weak=weak.value, box_threshold=box_threshold)
-    run_shards = _ray_executor(num_workers, address, device, "pseudomask")
+    options = ray_options(num_workers, address=address, device=device)
+    run_shards = ray_shards(options) if options is not None else None
     with progress_bar("pseudomask", console) as on_progress:
         summary = run_pseudomask(coco, output=target, images_dir=images, spec=spec, config=config, job_dir=job_dir,
                                  overwrite=overwrite, shard_size=batch_size, allow_outside_images=allow_outside_images,
@@ -286,31 +288,6 @@ def finetune_teacher(
     table.add_row("run directory", summary["run_dir"])
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     out.print(table)
-
-def _ray_executor(num_workers: int | None, address: str | None, device: str, job: str) -> Any:
-    """None (in-process) for ``--num-workers 0``, else the job's Ray executor."""
-    if num_workers == 0:
-        if address is not None:
-            raise InputError("--num-workers 0 runs in this process; it cannot be combined with --address")
-        return None
-    if num_workers is not None and num_workers < 0:
-        raise InputError(f"--num-workers must be ≥ 0, got {num_workers}")
-    import os
-
-    from omnilabel.jobs.ray_runner import RayOptions
-
-    if num_workers is None:
-        import torch
-
-        num_workers = max(torch.cuda.device_count(), 1) if device.startswith("cuda") else 1
-    threads = max((os.cpu_count() or 1) // num_workers, 1)
-    options = RayOptions(address=address, num_workers=num_workers, device=device, threads_per_worker=threads)
-    if job == "pseudomask":
-        from omnilabel.jobs.pseudomask import ray_shards
-
-        return ray_shards(options)
-    raise InputError(f"no Ray executor for {job}")
-
 
 @app.command()
 def weights(

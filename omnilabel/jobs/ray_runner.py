@@ -47,6 +47,30 @@ class RayOptions:
     max_retries: int = 2
 
 
+def ray_options(num_workers: int | None, *, address: str | None, device: str) -> RayOptions | None:
+    """The job flags ``--num-workers``/``--address``/``--device`` as ``RayOptions``; None means in-process.
+
+    ``num_workers`` None: one worker per GPU with ``cuda``, else 1; each worker gets ``cores / N`` threads.
+
+    Raises:
+        InputError: a negative count, or ``--address`` with 0 workers.
+    """
+    from omnilabel.errors import InputError
+
+    if num_workers == 0:
+        if address is not None:
+            raise InputError("--num-workers 0 runs in this process; it cannot be combined with --address")
+        return None
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"--num-workers must be ≥ 0, got {num_workers}")
+    if num_workers is None:
+        import torch
+
+        num_workers = max(torch.cuda.device_count(), 1) if device.startswith("cuda") else 1
+    threads = max((os.cpu_count() or 1) // num_workers, 1)
+    return RayOptions(address=address, num_workers=num_workers, device=device, threads_per_worker=threads)
+
+
 def init_ray(options: RayOptions) -> None:
     """Start (or join) Ray quietly: no dashboard, no log forwarding, no Ray Data progress bars."""
     import ray

@@ -257,18 +257,9 @@ def predict_executor(num_workers: int | None, *, address: str | None, device: st
     Raises:
         InputError: a negative count, or ``--address`` with 0 workers.
     """
-    if num_workers == 0:
-        if address is not None:
-            raise InputError("--num-workers 0 runs in this process; it cannot be combined with --address")
+    from omnilabel.jobs.ray_runner import ray_executor, ray_options
+
+    options = ray_options(num_workers, address=address, device=device)
+    if options is None:
         return None
-    if num_workers is not None and num_workers < 0:
-        raise InputError(f"--num-workers must be >= 0, got {num_workers}")
-    from omnilabel.jobs.ray_runner import RayOptions, ray_executor
-
-    if num_workers is None:
-        import torch
-
-        num_workers = max(torch.cuda.device_count(), 1) if device.startswith("cuda") else 1
-    threads = max((os.cpu_count() or 1) // num_workers, 1)
-    options = RayOptions(address=address, num_workers=num_workers, device=device, threads_per_worker=threads)
     return ray_executor(options, PredictWorker, task_from_dict)
