@@ -173,7 +173,8 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
     t_start = time.perf_counter()
     input_path, output = Path(input_path), Path(output)
     spec, config = spec or TeacherSpec(), config or PipelineConfig()
-    images_dir = Path(images_dir) if images_dir is not None else input_path.parent
+    # Absolute: Ray workers do not run in the driver's working directory.
+    images_dir = (Path(images_dir) if images_dir is not None else input_path.parent).resolve()
     if shard_size < 1:
         raise InputError(f"--shard-size must be ≥ 1, got {shard_size}")
     data = load_coco(input_path, images_dir=images_dir, allow_outside_images=allow_outside_images)

@@ -80,13 +80,17 @@ def init_ray(options: RayOptions) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if options.address is None:
-            ray.init(num_cpus=max(os.cpu_count() or 1, 1), **kwargs)
+            # "local": a new Ray in this process, even where RAY_ADDRESS is set or `ray start` ran here.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 1), **kwargs)
         else:
             ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise JobError(f"cannot start or reach Ray at {options.address or 'a local instance'}: {exc}") from exc
+    import logging
+
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the job shows its own progress
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -150,11 +154,13 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
 
 def _map_shards(ds: Any, worker_factory: Callable[..., Any], worker_args: tuple, decode: Callable[[Any], Any],
                 options: RayOptions, *, gpu: bool, n_rows: int) -> Any:
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(
         _ShardActor,
         fn_constructor_args=(worker_factory, worker_args, decode, options.threads_per_worker),
         batch_size=1,
-        concurrency=max(1, min(options.num_workers, n_rows)),
+        compute=ActorPoolStrategy(size=max(1, min(options.num_workers, n_rows))),
         num_gpus=1 if gpu else 0,
         num_cpus=1 if gpu else ACTOR_CPUS,
         max_restarts=options.max_retries,

@@ -84,7 +84,7 @@ def fit_on_ray(setup: RunSetup, *, num_workers: int, address: str | None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus} | ({"GPU": 1} if gpu else {})),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name="train", storage_path=str((run_dir / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
     follower = _Follower(run_dir / METRICS)

@@ -228,7 +228,7 @@ def _fit_on_ray(setup: FinetuneSetup, *, num_workers: int, address: str | None, 
         train_loop_config={"setup": setup, "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": WORKER_CPUS}),
-        run_config=RunConfig(name="finetune-teacher", storage_path=str(paths.root / "ray"),
+        run_config=RunConfig(name="finetune-teacher", storage_path=str((paths.root / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
     with _tail_log(paths.log, on_log):

@@ -194,10 +194,10 @@ def run_predict(run_dir: str | Path, *, output: str | Path, images_dir: str | Pa
     ckpt = find_checkpoint(run_dir, checkpoint)
     images_json = None
     if coco is not None:
-        images_dir = Path(images_dir) if images_dir is not None else Path(coco).parent
+        images_dir = (Path(images_dir) if images_dir is not None else Path(coco).parent).resolve()
         images = load_coco(coco, images_dir=images_dir, allow_outside_images=allow_outside_images)["images"]
     elif images_dir is not None:
-        images_dir = Path(images_dir)
+        images_dir = Path(images_dir).resolve()
         images = list_images(images_dir)
         images_json = output.with_name(output.name.removesuffix(".json") + ".images.json")
         write_json_atomic({"images": images, "annotations": [], "categories": [

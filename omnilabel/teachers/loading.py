@@ -108,7 +108,8 @@ def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
         paths["clip"] = resolve(spec.clip or sources.pop(), kind="clip")
     if load_detector and spec.has_detector:
         paths["detector"] = resolve(spec.detector, kind="gdino")
-    return paths
+    # Absolute: Ray workers do not run in the driver's working directory.
+    return {key: Path(path).resolve() for key, path in paths.items()}
 
 
 def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict[int, str] | None = None) -> Teachers:
