@@ -7,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_in_process as run
 from pycocotools.coco import COCO
 
 from omnilabel.cli import main
 from omnilabel.data.synthetic import make_dataset
 from omnilabel.ops.masks import masks_to_rle, rle_to_masks
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")

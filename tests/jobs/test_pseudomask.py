@@ -7,20 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_runner import run_in_process as run
 from pycocotools.coco import COCO
 
-from omnilabel.cli import main
 from omnilabel.data.weak import split_coco
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture()

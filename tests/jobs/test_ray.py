@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import run_subprocess as _cli
 
 from omnilabel.data.weak import split_coco
 
@@ -25,12 +26,6 @@ def job_inputs(shapes_coco, tmp_path_factory):
     weak = root / "data" / "weak.json"
     weak.write_text(json.dumps(split_coco(gt, fully=0.25, weak="mixed", seed=0)))
     return root, weak
-
-
-def _cli(*argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "omnilabel.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 def _anns(path: Path) -> list[dict]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_in_process as run
+from cli_runner import run_subprocess as _cli
 from pycocotools.coco import COCO
 
 from omnilabel.cli import main
@@ -22,22 +21,6 @@ from omnilabel.teachers.loading import TeacherSpec, load_teachers, resolve_paths
 from omnilabel.teachers.teacher_ckpt import read_teacher
 
 TRAIN_FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-4", "--checkpoint-every", "2"]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _cli(*argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "omnilabel.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

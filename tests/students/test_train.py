@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_in_process as cli
 from pycocotools.coco import COCO
 
 from omnilabel.cli import main
@@ -20,16 +21,6 @@ from omnilabel.students.run import read_student
 
 #: Steps of the in-process training run (tiny preset, batch 4, 128 px).
 STEPS = 300
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
