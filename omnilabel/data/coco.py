@@ -351,6 +351,29 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    A reader of ``path`` sees its old content or the complete new one, never a part. The temporary name
+    keeps ``path``'s suffix (``.x.png.<pid>.<hex>.tmp.png``) so writers that go by the suffix still work, and
+    the file gets the umask's permissions (``open(..., "x")``, not ``mkstemp``'s 0600). Parent directories
+    are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp{path.suffix}"
+    try:
+        with open(tmp, "x"):
+            pass
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(obj: Any, path: str | Path) -> None:
     """Write JSON so that ``path`` holds either its old content or the complete new one, never a part.
 
@@ -363,21 +386,11 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
         ValueError: ``obj`` holds NaN or infinity (nothing is written).
         OSError: the file cannot be written (nothing is left behind).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default)
-    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_coco(data: dict[str, Any], path: str | Path) -> None:

@@ -17,12 +17,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omnilabel.data.coco import write_json_atomic
+from omnilabel.data.coco import atomic_path, write_json_atomic
 from omnilabel.errors import JobError
 
 MANIFEST = "manifest.json"
@@ -87,19 +86,12 @@ class JobDir:
 
     def write_shard(self, index: int, records: list[dict[str, Any]]) -> None:
         """Write one finished shard atomically: one JSON line per image record."""
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.shard_dir, prefix=f".{index:05d}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                for rec in records:
-                    f.write(json.dumps(rec, separators=(",", ":"), allow_nan=False))
-                    f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.shard_path(index))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.shard_path(index)) as tmp, open(tmp, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec, separators=(",", ":"), allow_nan=False))
+                f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """The image records of one finished shard, in order."""

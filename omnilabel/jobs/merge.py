@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from omnilabel.data.coco import atomic_path
 from omnilabel.jobs.jobdir import JobDir
 
 
@@ -35,44 +35,36 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
         Totals: ``counts`` (Counter per kind), ``seconds`` (Counter per stage), ``images`` done,
         ``errors`` (number of failed images), ``annotations`` written.
     """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
     seconds: Counter = Counter()
     n_images = n_errors = 0
     next_id = 1
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     err_lines: list[str] = []
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("{")
-            for key, value in header.items():
-                if key != "annotations":
-                    f.write(f"{_dump(key)}:{_dump(value)},")
-            f.write('"annotations":[')
-            first = True
-            for shard in range(n_shards):
-                for rec in job.read_shard(shard):
-                    n_images += 1
-                    if rec.get("error"):
-                        n_errors += 1
-                        err_lines.append(_dump({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
-                                                "error": rec["error"]}))
-                        continue
-                    counts.update(rec.get("counts", {}))
-                    seconds.update(rec.get("seconds", {}))
-                    for ann in rec["annotations"]:
-                        ann = {"id": next_id, "image_id": rec["image_id"], **ann}
-                        next_id += 1
-                        f.write(("" if first else ",") + _dump(ann))
-                        first = False
-            f.write("]}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as tmp, open(tmp, "w") as f:
+        f.write("{")
+        for key, value in header.items():
+            if key != "annotations":
+                f.write(f"{_dump(key)}:{_dump(value)},")
+        f.write('"annotations":[')
+        first = True
+        for shard in range(n_shards):
+            for rec in job.read_shard(shard):
+                n_images += 1
+                if rec.get("error"):
+                    n_errors += 1
+                    err_lines.append(_dump({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
+                                            "error": rec["error"]}))
+                    continue
+                counts.update(rec.get("counts", {}))
+                seconds.update(rec.get("seconds", {}))
+                for ann in rec["annotations"]:
+                    ann = {"id": next_id, "image_id": rec["image_id"], **ann}
+                    next_id += 1
+                    f.write(("" if first else ",") + _dump(ann))
+                    first = False
+        f.write("]}")
+        f.flush()
+        os.fsync(f.fileno())
     if errors_path is not None:
         errors_path = Path(errors_path)
         if err_lines:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from omnilabel import __version__
-from omnilabel.data.coco import category_names, load_coco, write_json_atomic
+from omnilabel.data.coco import atomic_path, category_names, load_coco, write_json_atomic
 from omnilabel.errors import InputError, JobError
 from omnilabel.jobs.jobdir import file_sha256
 from omnilabel.teachers.finetune import FinetuneConfig
@@ -189,15 +188,8 @@ def run_finetune_teacher(
 def _copy_atomic(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise JobError(f"the run ended without writing {src}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ray_train_loop(loop_config: dict[str, Any]) -> None:

@@ -15,8 +15,6 @@ then ``OUTPUT.images.json`` (a COCO file with ``images`` and ``categories``) rec
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omnilabel import __version__
-from omnilabel.data.coco import load_coco, resolve_image_path, write_json_atomic
+from omnilabel.data.coco import atomic_path, load_coco, resolve_image_path, write_json_atomic
 from omnilabel.errors import InputError
 from omnilabel.jobs.jobdir import JobDir, file_sha256
 from omnilabel.students.inference import PredictConfig, coco_results, predict_images
@@ -120,28 +118,21 @@ def list_images(images_dir: Path) -> list[dict[str, Any]]:
 def merge_results(job: JobDir, n_shards: int, *, output: Path, errors_path: Path) -> dict[str, int]:
     """Stream every shard's results into one JSON list at ``output`` (atomically) and the failed images
     into ``errors_path`` (removed when none failed). Returns ``images``, ``errors``, ``predictions``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     n_images = n_errors = n_preds = 0
     errors: list[str] = []
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("[")
-            for shard in range(n_shards):
-                for rec in job.read_shard(shard):
-                    n_images += 1
-                    if rec.get("error"):
-                        n_errors += 1
-                        errors.append(json.dumps({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
-                        continue
-                    for result in rec["results"]:
-                        f.write(("," if n_preds else "") + json.dumps(result, separators=(",", ":")))
-                        n_preds += 1
-            f.write("]\n")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as tmp, open(tmp, "w") as f:
+        f.write("[")
+        for shard in range(n_shards):
+            for rec in job.read_shard(shard):
+                n_images += 1
+                if rec.get("error"):
+                    n_errors += 1
+                    errors.append(json.dumps({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
+                    continue
+                for result in rec["results"]:
+                    f.write(("," if n_preds else "") + json.dumps(result, separators=(",", ":")))
+                    n_preds += 1
+        f.write("]\n")
     if errors:
         errors_path.write_text("\n".join(errors) + "\n")
     else:
