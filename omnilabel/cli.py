@@ -42,6 +42,7 @@ class SplitWeakOpt(str, Enum):
     points = "points"
     boxes = "boxes"
     mixed = "mixed"
+    mixed_images = "mixed-images"
 
 
 def _version(value: bool) -> None:
@@ -72,7 +73,8 @@ def split(
     fully: Annotated[float, typer.Option(help="Fraction of images that keep their full masks (0..1).")] = 0.1,
     weak: Annotated[SplitWeakOpt, typer.Option(
         help="Weak type for every other annotation: `tags` (class only), `points` (one click inside the "
-             "mask), `boxes` (the mask's box), `mixed` (a random type per annotation).")] = SplitWeakOpt.points,
+             "mask), `boxes` (the mask's box), `mixed` (a random type per annotation), `mixed-images` (a random "
+             "type per image).")] = SplitWeakOpt.points,
     seed: Annotated[int, typer.Option(help="Random seed: same input and seed give the same bytes.")] = 0,
     output: Annotated[Path | None, typer.Option("-o", "--output",
                                                 help="Output COCO JSON [default: COCO.weak.json beside it].")]
@@ -219,6 +221,9 @@ def pseudomask(
                                  on_progress=on_progress, run_shards=run_shards)
     for table in summary_tables(summary):
         out.print(table)
+    if summary["left_out"]:
+        console.print(f"[yellow]warning:[/] {summary['left_out']} image(s) with image-level tags or no labels "
+                      "need a detector and were left out of the output (drop `--detector none` to label them)")
 
 
 @app.command("finetune-teacher")
@@ -289,19 +294,56 @@ def finetune_teacher(
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     out.print(table)
 
+_ARCH = {"embed_dim": 128, "depth": 4, "num_heads": 4, "global_attn": "1,3", "window_size": 8,
+                                "patch_size": 8, "image_size": 128, "prompt_dim": 128}
+
+
 @app.command()
 def weights(
-    action: Annotated[str, typer.Argument(help="`list`, `download NAME` or `path NAME`.")],
-    name: Annotated[str | None, typer.Argument(help="A weight name from `omnilabel weights list`.")] = None,
+    action: Annotated[str, typer.Argument(help="`list`, `download NAME`, `path NAME` or `init-sam FILE.pth`.")],
+    name: Annotated[str | None, typer.Argument(
+        help="A weight name from `omnilabel weights list` (init-sam: the file to write).")] = None,
     force: Annotated[bool, typer.Option(help="With download: fetch again even if cached.")] = False,
+    embed_dim: Annotated[int, typer.Option(help="init-sam: ViT width.")] = _ARCH["embed_dim"],
+    depth: Annotated[int, typer.Option(help="init-sam: ViT blocks.")] = _ARCH["depth"],
+    num_heads: Annotated[int, typer.Option(help="init-sam: attention heads.")] = _ARCH["num_heads"],
+    global_attn: Annotated[str, typer.Option(
+        help="init-sam: comma-separated blocks with global attention (the others use windows).")] = _ARCH[
+        "global_attn"],
+    window_size: Annotated[int, typer.Option(help="init-sam: attention window side in patches.")] = _ARCH[
+        "window_size"],
+    patch_size: Annotated[int, typer.Option(help="init-sam: patch side in pixels.")] = _ARCH["patch_size"],
+    image_size: Annotated[int, typer.Option(help="init-sam: input side in pixels.")] = _ARCH["image_size"],
+    prompt_dim: Annotated[int, typer.Option(
+        help="init-sam: width of the prompt encoder and mask decoder (256 in Meta's SAMs).")] = _ARCH["prompt_dim"],
+    seed: Annotated[int, typer.Option(help="init-sam: seed of the random weights.")] = 0,
 ) -> None:
-    """List, download or locate the model weights omnilabel uses.
+    """List, download or locate the model weights omnilabel uses; or write a new, untrained SAM.
 
     Weights live in `$OMNILABEL_CACHE` (default `~/.cache/omnilabel`). Set `OMNILABEL_OFFLINE=1` to forbid
     downloads; a missing file then fails with the path to put it at.
+
+    `init-sam FILE.pth` writes a randomly initialised SAM of the architecture the `--embed-dim` … flags give
+    (default: the example teacher's, 2.6 M parameters at 128 px), to train from scratch with
+    `omnilabel finetune-teacher --sam FILE.pth --train-encoder` (see examples/teacher/README.md).
     """
     from omnilabel.models.registry import REGISTRY, cache_dir, download, is_cached, list_weights, weight_path
 
+    if action == "init-sam":
+        from omnilabel.models.sam_loader import SamArch, init_sam_checkpoint
+
+        if name is None:
+            raise InputError("weights init-sam: give the file to write, e.g. `omnilabel weights init-sam sam.pth`")
+        try:
+            globals_ = tuple(int(v) for v in global_attn.split(",") if v.strip())
+        except ValueError as e:
+            raise InputError(f"--global-attn: expected comma-separated block numbers, got {global_attn!r}") from e
+        arch = SamArch(embed_dim=embed_dim, depth=depth, num_heads=num_heads, global_attn_indexes=globals_,
+                       window_size=window_size if len(globals_) < depth else 0, patch_size=patch_size,
+                       image_size=image_size, out_chans=prompt_dim)
+        path = init_sam_checkpoint(arch, name, seed=seed)
+        out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, untrained)")
+        return
     if action == "list":
         table = Table(title=f"weights (cache: {cache_dir()})")
         for col in ("name", "kind", "cached", "description"):
@@ -484,6 +526,65 @@ def evaluate(
         result["teacher"] = per_weak
     if json_out is not None:
         write_json_atomic(result, json_out)
+
+
+# -- review ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def visualize(
+    coco: Annotated[Path, typer.Argument(
+        help="COCO JSON to draw: a pseudomask output, a GT or weak file, or a results list (needs --gt).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the pictures into.")],
+    images: Annotated[Path | None, typer.Option(
+        help="Image folder [default: the folder of the JSON that lists the images; --gt's for a results "
+             "list].")] = None,
+    gt: Annotated[Path | None, typer.Option(
+        help="Ground-truth COCO JSON: also write GT | prediction pictures with each image's mIoU.")] = None,
+    uncertainty: Annotated[bool, typer.Option(
+        "--uncertainty", help="Also write heat maps of the annotations' uncertainty maps "
+                              "(`omnilabel.uncertainty`).")] = False,
+    html: Annotated[bool, typer.Option(
+        "--html", help="Also write index.html, a static page of every image (worst mIoU first with --gt).")]
+    = False,
+    min_score: Annotated[float, typer.Option(help="Do not draw annotations scoring lower.")] = 0.0,
+    max_images: Annotated[int | None, typer.Option(help="Draw only the first N images (by id).")] = None,
+    alpha: Annotated[float, typer.Option(help="Opacity of the mask colour, 0..1.")] = 0.45,
+    thumb_size: Annotated[int, typer.Option(help="Side of the contact sheet's thumbnails in pixels.")] = 256,
+) -> None:
+    """Draw masks, prompts and labels on the images, for a person to review.
+
+    Writes `images/<id>_<name>.png` (each image at its size, every instance in its own colour, with the
+    point or box that prompted it and a `class score` label), `contact_sheet.png` (the first 100 images);
+    with --gt, `compare/` (GT left, prediction right, with the image's mIoU); with --uncertainty,
+    `uncertainty/`; with --html, `index.html`.
+    """
+    from omnilabel.jobs.progress import progress_bar
+    from omnilabel.viz import VizConfig
+    from omnilabel.viz import visualize as run_visualize
+
+    config = VizConfig(min_score=min_score, max_images=max_images, alpha=alpha, thumb_size_px=thumb_size,
+                       uncertainty=uncertainty, html=html)
+    with progress_bar("visualize", console) as on_progress:
+        summary = run_visualize(coco, output_dir=output, images_dir=images, gt_path=gt, config=config,
+                                on_progress=on_progress)
+    table = Table(title=f"wrote {summary['images']} images to {summary['output_dir']}")
+    table.add_column("what")
+    table.add_column("where", overflow="fold")
+    table.add_row("overlays", f"{summary['output_dir']}/images/")
+    if summary["compare"]:
+        table.add_row("GT | prediction", f"{summary['output_dir']}/compare/ ({summary['compare']} images)")
+    if uncertainty:
+        table.add_row("uncertainty", f"{summary['output_dir']}/uncertainty/ ({summary['uncertainty']} images)")
+    capped = f", first {summary['contact_sheet_images']} of {summary['images']} images" \
+        if summary["contact_sheet_capped"] else ""
+    table.add_row("contact sheet", f"{summary['contact_sheet']}{capped}")
+    if summary["html"]:
+        table.add_row("html", summary["html"])
+    if gt is not None:
+        mean = "n/a" if summary["mean_miou"] is None else f"{summary['mean_miou']:.3f}"
+        table.add_row("mean mIoU", f"{mean} over {summary['scored_images']} images with GT masks")
+    out.print(table)
 
 
 # -- entry point -----------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class WeakType(str, Enum):
 
 
 #: The weak label a split reduces annotations to; ``mixed`` draws one of the three per annotation.
-SplitWeak = Literal["tags", "points", "boxes", "mixed"]
+SplitWeak = Literal["tags", "points", "boxes", "mixed", "mixed-images"]
 
 _SPLIT_WEAK: tuple[str, ...] = get_args(SplitWeak)
 _MIXED_TYPES = (WeakType.TAG, WeakType.POINT, WeakType.BOX)
@@ -156,8 +156,9 @@ def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int
     Args:
         data: a validated COCO dict (see ``omnilabel.data.coco.load_coco``); not modified.
         fully: fraction in [0, 1] of the images that keep their annotations untouched.
-        weak: what every other annotation becomes: ``tags``, ``points``, ``boxes``, or ``mixed`` (one of the
-            three drawn uniformly per annotation).
+        weak: what every other annotation becomes: ``tags``, ``points``, ``boxes``, ``mixed`` (one of the
+            three drawn uniformly per annotation), or ``mixed-images`` (one of the three drawn per image, so
+            each image carries one kind of label: the omni-supervised setting).
         seed: seed of the ``numpy.random.Generator`` behind every draw (a non-negative integer).
 
     Returns:
@@ -183,6 +184,9 @@ def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int
     full_set = set(full_image_ids)
     sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in images}
 
+    # Per-image draws come from their own stream, so the other modes draw exactly what they always did.
+    image_rng = np.random.default_rng([int(seed), 1])
+    image_types = {img["id"]: _MIXED_TYPES[int(image_rng.integers(3))] for img in images}
     annotations: list[dict[str, Any]] = []
     n_degraded = 0
     for ann in data["annotations"]:
@@ -192,7 +196,10 @@ def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int
         if image_id in full_set:
             annotations.append(copy.deepcopy(ann))
             continue
-        target = _MIXED_TYPES[int(rng.integers(3))] if weak == "mixed" else WeakType(weak)
+        if weak == "mixed":
+            target = _MIXED_TYPES[int(rng.integers(3))]
+        else:
+            target = image_types[image_id] if weak == "mixed-images" else WeakType(weak)
         new, ok = _to_weak(ann, target, sizes[image_id], rng)
         annotations.append(new)
         n_degraded += not ok

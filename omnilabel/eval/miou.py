@@ -11,12 +11,16 @@ not scored here; their quality is what COCO AP (``omnilabel.eval.coco_eval``) me
 passed through untouched (``omnilabel.source == "gt"``) are skipped. mIoU is the mean over scored
 pseudomasks of their per-instance IoU (not a dataset-wide intersection over union); a weak annotation
 with several pseudomasks contributes each of them.
+
+:func:`image_miou` scores one image for ``omnilabel visualize``: by provenance as above where it can, else by
+a greedy one-to-one matching of same-category masks, so student predictions get a score too.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -213,3 +217,56 @@ def teacher_miou(pred: dict[str, Any], gt: dict[str, Any], *,
         out[weak] = {"miou": float(arr[:, 0].mean()), "boundary_iou": float(arr[:, 1].mean()),
                      "count": len(arr)}
     return out
+
+
+def image_miou(pred_anns: Sequence[dict[str, Any]], gt_anns: Sequence[dict[str, Any]], *,
+               image: dict[str, Any]) -> float | None:
+    """Mean mask IoU of one image's predictions against its ground-truth masks.
+
+    Two ways to pair, chosen per image:
+
+    - by provenance, when some prediction's ``omnilabel.weak_id`` names a GT annotation of this image with
+      a mask: the mean IoU of those pairs, exactly as ``omnilabel.eval.miou.teacher_miou`` scores
+      pseudomasks (passthrough GT annotations and detections without a ``weak_id`` are not scored);
+    - otherwise (student predictions, detections of the tags setting, a fully annotated image): each GT
+      mask (crowd regions excluded) is matched one-to-one to a prediction mask of the same category,
+      greedily by descending IoU, and the IoUs are averaged over the GT masks, an unmatched GT mask
+      counting 0. A prediction never matches two GT masks, so duplicates do not inflate the score.
+
+    Args:
+        pred_anns: COCO annotations of this image (those without a ``segmentation`` are ignored).
+        gt_anns: ground-truth annotations of this image.
+        image: the COCO image record (``id``, ``height``, ``width``).
+
+    Returns:
+        Float in [0, 1]; None when the image has no GT mask to score against.
+
+    Raises:
+        InputError: a paired prediction has no mask or a mask of another size (see ``teacher_miou``).
+    """
+    height, width = image["height"], image["width"]
+    by_weak_id = teacher_miou({"annotations": list(pred_anns)},
+                              {"images": [image], "annotations": list(gt_anns)})
+    if by_weak_id:
+        return by_weak_id[ALL_GROUP]["miou"]
+    gts = [a for a in gt_anns if a.get("segmentation") not in (None, [], {}) and not a.get("iscrowd")]
+    if not gts:
+        return None
+    preds = [a for a in pred_anns if a.get("segmentation") not in (None, [], {})]
+    if not preds:
+        return 0.0
+    ious = np.asarray(mask_utils.iou([segmentation_to_rle(a["segmentation"], height, width) for a in preds],
+                                     [segmentation_to_rle(a["segmentation"], height, width) for a in gts],
+                                     [0] * len(gts)), dtype=np.float64).reshape(len(preds), len(gts))
+    same_class = np.array([[p.get("category_id") == g.get("category_id") for g in gts] for p in preds])
+    ious = np.where(same_class, ious, 0.0)
+    free_pred, free_gt, total = set(range(len(preds))), set(range(len(gts))), 0.0
+    for flat in np.argsort(-ious, axis=None, kind="stable"):
+        p, g = divmod(int(flat), len(gts))
+        if ious[p, g] <= 0.0:
+            break
+        if p in free_pred and g in free_gt:
+            free_pred.discard(p)
+            free_gt.discard(g)
+            total += float(ious[p, g])
+    return total / len(gts)

@@ -20,7 +20,13 @@ from omnilabel.errors import InputError
 from omnilabel.jobs.jobdir import JobDir, file_sha256
 from omnilabel.jobs.merge import merge_shards
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, resolve_paths
-from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline, check_mode, effective_weak_type
+from omnilabel.teachers.pipeline import (
+    PipelineConfig,
+    PseudomaskPipeline,
+    check_mode,
+    effective_weak_type,
+    images_needing_detector,
+)
 from omnilabel.teachers.teacher_ckpt import read_teacher
 
 #: Images per shard: the unit of resume (and, on Ray, of scheduling).
@@ -164,7 +170,8 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
 
     Returns:
         Summary: ``counts`` per weak type (+ gt, empty), ``seconds`` per stage, ``images``, ``errors``,
-        ``annotations``, ``skipped_shards``, ``wall_s``, ``output``, ``job_dir``, ``errors_path``.
+        ``annotations``, ``skipped_shards``, ``wall_s``, ``output``, ``job_dir``, ``errors_path``,
+        ``left_out`` (images that need a detector when there is none; not in the output).
 
     Raises:
         InputError: bad input or flags (nothing is written). CheckpointError: a model cannot be had.
@@ -179,6 +186,10 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
         raise InputError(f"--shard-size must be ≥ 1, got {shard_size}")
     data = load_coco(input_path, images_dir=images_dir, allow_outside_images=allow_outside_images)
     check_mode(data, config.weak, source=str(input_path), has_detector=spec.has_detector)
+    left_out = set() if spec.has_detector else images_needing_detector(data, config.weak)
+    if left_out:
+        data = {**data, "images": [im for im in data["images"] if int(im["id"]) not in left_out],
+                "annotations": [a for a in data["annotations"] if int(a["image_id"]) not in left_out]}
     tasks = plan_tasks(data, images_dir, allow_outside_images=allow_outside_images)
     shards = shards_of(tasks, shard_size)
     load_detector = spec.has_detector and _needs_detector(data, config.weak)
@@ -212,7 +223,7 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
                                                                  "models": manifest["models"], "version": __version__}}
     summary = merge_shards(job, len(shards), header=header, output=output, errors_path=job.path / "errors.jsonl")
     summary.update(skipped_shards=len(done), wall_s=time.perf_counter() - t_start, output=str(output),
-                   job_dir=str(job.path), errors_path=str(job.path / "errors.jsonl"))
+                   job_dir=str(job.path), errors_path=str(job.path / "errors.jsonl"), left_out=len(left_out))
     return summary
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from omnilabel.errors import CheckpointError
+from omnilabel.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -203,6 +203,47 @@ def build_sam_from_arch(arch: SamArch) -> Sam:
         pixel_std=list(PIXEL_STD),
     )
     return sam.eval()
+
+
+def init_sam_checkpoint(arch: SamArch, path: str | Path, *, seed: int = 0) -> Path:
+    """Write a randomly initialised SAM of ``arch``, to train from scratch (``finetune-teacher --train-encoder``).
+
+    The weights are ``segment_anything``'s default initialisation drawn after ``torch.manual_seed(seed)`` (the
+    global RNG is left untouched), saved as the official checkpoints are: a plain state dict.
+
+    Args:
+        arch: the architecture; ``image_size`` a multiple of ``patch_size``, ``embed_dim`` of ``num_heads``.
+        path: the ``.pth`` file to write (atomically; parent folders are created).
+        seed: seed of the weights; the same arch and seed give the same weights.
+
+    Raises:
+        InputError: an inconsistent architecture.
+    """
+    from omnilabel.data.coco import atomic_path
+
+    problems = []
+    if min(arch.embed_dim, arch.depth, arch.num_heads, arch.patch_size, arch.image_size, arch.out_chans) < 1:
+        problems.append("every size must be >= 1")
+    elif arch.embed_dim % arch.num_heads:
+        problems.append(f"embed dim {arch.embed_dim} is not a multiple of num heads {arch.num_heads}")
+    elif arch.image_size % arch.patch_size:
+        problems.append(f"image size {arch.image_size} is not a multiple of patch size {arch.patch_size}")
+    elif arch.out_chans % DECODER_NUM_HEADS or arch.out_chans % 8:
+        problems.append(f"prompt dim {arch.out_chans} must be a multiple of {max(DECODER_NUM_HEADS, 8)}")
+    bad_globals = [i for i in arch.global_attn_indexes if not 0 <= i < arch.depth]
+    if bad_globals:
+        problems.append(f"global attention blocks {bad_globals} are not in 0..{arch.depth - 1}")
+    if len(arch.global_attn_indexes) < arch.depth and arch.window_size < 1:
+        problems.append("windowed blocks need a window size >= 1")
+    if problems:
+        raise InputError("cannot build this SAM", problems)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_sam_from_arch(arch)
+    state = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

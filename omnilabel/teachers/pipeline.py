@@ -22,6 +22,9 @@ Choices where the paper is silent:
   score is SAM's alone even when the GDino box was used.
 - A stage-1 mask that is empty gives B_sam = a 2-px box around the point.
 - Masks with fewer than ``min_mask_area_px`` pixels are dropped from the output and counted.
+- Each pseudomask records the prompts that made its final mask in ``omnilabel.prompt`` (COCO conventions,
+  pixels): ``{"bbox": [x, y, w, h]}`` for boxes and detections, ``{"point": [x, y], "bbox": [...]}`` for
+  points (the click and the merged box of stage 2), so ``omnilabel visualize`` can draw them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ WeakMode = Literal["none", "tags", "points", "boxes", "auto"]
 WEAK_MODES: tuple[str, ...] = ("none", "tags", "points", "boxes", "auto")
 #: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
 SCORE_DECIMALS = 6
+#: Prompt coordinates (``omnilabel.prompt``) are written in pixels with 2 decimals.
+PROMPT_DECIMALS = 2
 
 
 @dataclass(frozen=True)
@@ -148,9 +153,28 @@ def check_mode(data: Mapping[str, Any], mode: WeakMode, *, source: str, has_dete
         shown = problems[:max_problems] + ([f"... and {len(problems) - max_problems} more"]
                                            if len(problems) > max_problems else [])
         raise InputError(f"{source}: {len(problems)} annotation(s) do not fit --weak {mode}", shown)
-    if need_detector and not has_detector:
+    if need_detector and not has_detector and (mode != "auto" or images_needing_detector(data, mode) == {
+            int(im["id"]) for im in data["images"]}):
         raise InputError(f"--weak {mode}: this file has image-level tags or unlabelled images, which need a "
                          "detector; drop `--detector none` (or use --weak points/boxes)")
+
+
+def images_needing_detector(data: Mapping[str, Any], mode: WeakMode) -> set[int]:
+    """Ids of the images that only a detector can label under ``mode``.
+
+    Under ``tags``/``none`` that is every image without a full mask; under ``auto``, every image with an
+    image-level tag or with no annotation at all (with ``--detector none`` such images are left out of the
+    output whole, since their other labels alone would teach a student that the tagged objects are
+    background). ``points`` and ``boxes`` need none.
+    """
+    if mode in ("points", "boxes"):
+        return set()
+    kinds: dict[int, set[WeakType]] = {int(im["id"]): set() for im in data["images"]}
+    for ann in data["annotations"]:
+        kinds.setdefault(int(ann["image_id"]), set()).add(effective_weak_type(ann, mode))
+    if mode in ("tags", "none"):
+        return {i for i, k in kinds.items() if WeakType.FULL not in k}
+    return {i for i, k in kinds.items() if not k or WeakType.TAG in k}
 
 
 class PseudomaskPipeline:
@@ -235,7 +259,8 @@ class PseudomaskPipeline:
                              weak_ids=box_prompts.weak_ids)
             kinds = [WeakType.BOX.value] * n_box + [("none" if cfg.weak == "none" or not annotations else "tags")] * (
                 len(box_prompts) - n_box)
-            extras = [{"weak": k} for k in kinds]
+            extras = [{"weak": k, "prompt": {"bbox": _xywh(b)}} for k, b in zip(kinds, box_prompts.boxes_xyxy,
+                                                                                 strict=True)]
             for i in range(n_box, len(box_prompts)):
                 extras[i]["detector_score"] = round(float(box_prompts.scores[i]), SCORE_DECIMALS)
             parts.append((inst, "box", extras))
@@ -288,7 +313,9 @@ class PseudomaskPipeline:
         inst = Instances(points.image_size, masks=stage2.masks,
                          scores=np.clip(stage2.iou_scores.astype(np.float64), 0, 1),
                          category_ids=points.category_ids, weak_ids=points.weak_ids)
-        extras = [{"weak": WeakType.POINT.value, "prompt_box": "gdino" if d else "sam"} for d in from_dino]
+        extras = [{"weak": WeakType.POINT.value, "prompt_box": "gdino" if d else "sam",
+                   "prompt": {"point": [round(float(v), PROMPT_DECIMALS) for v in p], "bbox": _xywh(b)}}
+                  for d, p, b in zip(from_dino, px, merged, strict=True)]
         return inst, "point", extras
 
     def _meta(self, extra: dict[str, Any], weak_id: int) -> dict[str, Any]:
@@ -297,6 +324,12 @@ class PseudomaskPipeline:
                                 "teacher": dict(self.teachers.model_ids)}
         meta.update({k: v for k, v in extra.items() if k != "weak"})
         return meta
+
+
+def _xywh(box_xyxy: np.ndarray) -> list[float]:
+    """A prompt box as COCO ``[x, y, w, h]``, rounded for the output file."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    return [round(v, PROMPT_DECIMALS) for v in (x0, y0, x1 - x0, y1 - y0)]
 
 
 def _passthrough(ann: Mapping[str, Any]) -> dict[str, Any]:

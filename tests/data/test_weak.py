@@ -229,9 +229,24 @@ def test_mixed_draws_all_three_types():
         assert n / 6 < counts[t] < n / 2, counts
 
 
+def test_mixed_images_gives_each_image_one_kind_of_label():
+    from omnilabel.data.weak import weak_type_of
+
+    data, _ = _dataset(40, seed=6, extras=False)
+    out = split_coco(data, fully=0.1, weak="mixed-images", seed=1)
+    kinds: dict[int, set[str]] = {}
+    for ann in out["annotations"]:
+        kinds.setdefault(ann["image_id"], set()).add(weak_type_of(ann).value)
+    assert all(len(k) == 1 for k in kinds.values()), kinds
+    per_image = [k.pop() for k in kinds.values()]
+    for t in ("boxes", "points", "tags"):
+        assert per_image.count(t) >= 5, per_image
+    assert per_image.count("full") == len(out["omnilabel_split"]["full_image_ids"])
+
+
 def test_same_seed_same_bytes_different_seed_different(tmp_path):
     data, _ = _dataset(20)
-    for weak in ("points", "mixed"):
+    for weak in ("points", "mixed", "mixed-images"):
         a, b, c = (tmp_path / f"{weak}{k}.json" for k in "abc")
         write_coco(split_coco(data, fully=0.2, weak=weak, seed=7), a)
         write_coco(split_coco(copy.deepcopy(data), fully=0.2, weak=weak, seed=7), b)
@@ -240,7 +255,7 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
         assert a.read_bytes() != c.read_bytes()
 
 
-@pytest.mark.parametrize("weak", ["tags", "points", "boxes", "mixed"])
+@pytest.mark.parametrize("weak", ["tags", "points", "boxes", "mixed", "mixed-images"])
 def test_split_file_loads_in_pycocotools_and_validates(tmp_path, weak):
     data, _ = _dataset(10)
     path = tmp_path / "weak.json"

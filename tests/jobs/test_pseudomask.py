@@ -73,6 +73,39 @@ def test_defaults_images_and_output_beside_input(capsys, dataset, tiny_sam_path)
     COCO(str(dataset / "images" / "weak.pseudo.json"))
 
 
+def test_no_detector_leaves_out_the_images_only_a_detector_could_label(capsys, dataset, tiny_sam_path):
+    weak = _write_weak(dataset, "mixed")
+    data = json.loads(weak.read_text())
+    data["images"].append({**data["images"][0], "id": 999})  # an unlabelled image
+    weak.write_text(json.dumps(data))
+    tagged = {a["image_id"] for a in data["annotations"]
+              if not any(k in a for k in ("segmentation", "bbox", "point"))} | {999}
+    out = dataset / "pseudo.json"
+    code, _, err = run(capsys, "pseudomask", weak, "--images", dataset / "images", "--sam", tiny_sam_path,
+                       "--detector", "none", "--num-workers", "0", "-o", out)
+    assert code == 0, err
+    assert f"{len(tagged)} image(s) with image-level tags or no labels" in err
+    coco = COCO(str(out))
+    kept = {im["id"] for im in coco.dataset["images"]}
+    assert kept == {im["id"] for im in data["images"]} - tagged and kept
+    assert {a["image_id"] for a in coco.dataset["annotations"]} <= kept
+    src = {a["id"]: a for a in data["annotations"]}
+    for a in coco.dataset["annotations"]:
+        info = a["omnilabel"]
+        if info["weak"] == "points":
+            assert info["prompt"]["point"] == pytest.approx(src[info["weak_id"]]["point"], abs=0.01)
+            assert len(info["prompt"]["bbox"]) == 4
+        elif info["weak"] == "boxes":
+            assert info["prompt"]["bbox"] == pytest.approx(src[info["weak_id"]]["bbox"], abs=0.01)
+    # a file where every image needs a detector is refused before anything is written
+    gt = json.loads((dataset / "coco.json").read_text())
+    only_tags = dataset / "only_tags.json"
+    only_tags.write_text(json.dumps(split_coco(gt, fully=0.0, weak="tags", seed=0)))
+    code, _, err = run(capsys, "pseudomask", only_tags, "--images", dataset / "images", "--sam", tiny_sam_path,
+                       "--detector", "none", "-o", dataset / "tags.json")
+    assert code == 1 and "need a detector" in err and not (dataset / "tags.json").exists()
+
+
 def test_killed_job_resumes_without_recomputing(capsys, dataset, tiny_sam_path, tiny_gdino_dir):
     weak = _write_weak(dataset, "mixed")
     common = ["pseudomask", weak, "--images", dataset / "images", "--sam", tiny_sam_path,

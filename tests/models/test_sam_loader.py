@@ -178,3 +178,47 @@ def test_tiny_sam_is_seeded_and_keeps_global_rng():
     key = "mask_decoder.output_upscaling.0.weight"
     assert torch.equal(a.state_dict()[key], b.state_dict()[key])
     assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_init_sam_writes_a_loadable_untrained_sam_of_the_given_arch(capsys, tmp_path):
+    from cli_runner import run_in_process
+
+    from omnilabel.models.sam_loader import SamArch, init_sam_checkpoint
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    code, out, err = run_in_process(capsys, "weights", "init-sam", a, "--embed-dim", "32", "--depth", "2",
+                                    "--num-heads", "2", "--global-attn", "1", "--window-size", "4",
+                                    "--patch-size", "8", "--image-size", "64", "--prompt-dim", "64", "--seed", "3")
+    assert code == 0, err
+    assert "wrote" in out and "untrained" in out
+    arch = SamArch(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4, patch_size=8,
+                   image_size=64, out_chans=64)
+    sam = load_sam(a)
+    assert sam_arch_from_state_dict(sam.state_dict()) == arch
+    assert sam.prompt_encoder.embed_dim == 64 and sam.image_encoder.img_size == 64
+    init_sam_checkpoint(arch, b, seed=3)
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    init_sam_checkpoint(arch, b, seed=4)
+    assert not torch.equal(sa["image_encoder.patch_embed.proj.weight"],
+                           torch.load(b, weights_only=True)["image_encoder.patch_embed.proj.weight"])
+    # the 128-wide decoder decodes masks of the input size from box prompts
+    from omnilabel.teachers.sam import SamTeacher
+
+    teacher = SamTeacher(sam)
+    emb = teacher.encode(np.zeros((50, 70, 3), dtype=np.uint8))
+    masks = teacher.predict(emb, boxes_xyxy=np.array([[5.0, 5.0, 40.0, 30.0]])).masks
+    assert masks.shape == (1, 50, 70)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--embed-dim", "30", "--num-heads", "4"], "multiple of num heads"),
+    (["--image-size", "100", "--patch-size", "16"], "multiple of patch size"),
+    (["--global-attn", "7"], "not in 0..3"),
+    (["--global-attn", "one"], "comma-separated"),
+])
+def test_init_sam_refuses_inconsistent_archs(capsys, tmp_path, flags, message):
+    from cli_runner import run_in_process
+
+    code, _, err = run_in_process(capsys, "weights", "init-sam", tmp_path / "x.pth", *flags)
+    assert code == 1 and message in err and not (tmp_path / "x.pth").exists()
