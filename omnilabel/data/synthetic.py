@@ -16,8 +16,6 @@ with the same seed, and the same seed always writes the same bytes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from omnilabel.data.coco import atomic_path
 from omnilabel.errors import InputError
 from omnilabel.ops.masks import masks_to_rle, rle_area, rle_to_bbox_xywh
 
@@ -197,15 +196,9 @@ def _check_size(size_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write a file through ``write(binary_file)`` to a temporary name in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a file through ``write(binary_file)`` so that ``path`` is never seen half written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _upsample_bilinear(coarse: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -18,8 +18,6 @@ Choices where the paper is silent (Sections 3.1, 3.4, 4.1 give only "prompts fro
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +31,7 @@ from omnilabel.data.coco import resolve_image_path
 from omnilabel.errors import InputError
 from omnilabel.ops.boxes import masks_to_boxes_xyxy
 from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
+from omnilabel.teachers.teacher_ckpt import save_torch_atomic
 
 PromptMode = Literal["points", "boxes", "points+boxes"]
 PROMPT_MODES: tuple[str, ...] = ("points", "boxes", "points+boxes")
@@ -244,14 +243,7 @@ class EmbeddingCache:
         """Store one image's (1, C, g, g) or (C, g, g) features."""
         obj = {"features": features.detach().reshape(features.shape[-3:]).cpu().contiguous(),
                "input_size": [int(v) for v in input_size], "original_size": [int(v) for v in original_size]}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{int(image_id)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(obj, tmp)
-            os.replace(tmp, self.path(image_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_torch_atomic(obj, self.path(image_id))
 
     def load(self, image_id: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """``(features (C, g, g) on CPU, input_size, original_size)`` of one image."""
