@@ -494,7 +494,8 @@ def evaluate(
 ) -> None:
     """COCO mask AP of predictions; for pseudomasks, also teacher mIoU per weak type.
 
-    Prints segm AP, AP50, AP75, APs/m/l (pycocotools). When the predictions are an omnilabel pseudomask
+    Prints segm AP, AP50, AP75, APs/m/l (pycocotools), over the images a complete COCO file lists (every GT
+    image for a results list). When the predictions are an omnilabel pseudomask
     file whose annotations carry `omnilabel.weak_id`, it also prints the mean mask IoU and mean boundary
     IoU of the pseudomasks against the GT masks of those ids, per weak type.
     """
@@ -508,13 +509,22 @@ def evaluate(
         pred = load_coco(predictions, allow_outside_images=True)
     elif not isinstance(pred, list):
         raise InputError(f"{predictions}: expected a COCO results list or a COCO file, got {type(pred).__name__}")
-    metrics = evaluate_segm(pred, gt_data)
-    table = Table(title=f"COCO segm AP — {predictions.name}")
+    # A complete COCO file says which images it covers (a pseudomask file leaves out images it could not
+    # label): AP is over those. A results list covers every GT image.
+    image_ids = None
+    title = f"COCO segm AP — {predictions.name}"
+    if isinstance(pred, dict):
+        image_ids = [int(im["id"]) for im in pred["images"]]
+        if set(image_ids) != {int(im["id"]) for im in gt_data["images"]}:
+            title += f" (its {len(image_ids)} of the GT's {len(gt_data['images'])} images)"
+    metrics = evaluate_segm(pred, gt_data, image_ids=image_ids)
+    table = Table(title=title)
     for key in metrics:
         table.add_column(key, justify="right")
     table.add_row(*(f"{v:.3f}" for v in metrics.values()))
     out.print(table)
-    result: dict[str, Any] = {"segm": metrics}
+    result: dict[str, Any] = {"segm": metrics,
+                              "images": len(image_ids) if image_ids is not None else len(gt_data["images"])}
     if isinstance(pred, dict) and has_weak_ids(pred):
         per_weak = teacher_miou(pred, gt_data)
         t = Table(title="pseudomask quality against GT (by weak type)")

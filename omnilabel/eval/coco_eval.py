@@ -18,7 +18,7 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from pycocotools import mask as mask_utils
@@ -270,10 +270,11 @@ def _check_against_gt(results: list[dict[str, Any]], gt: dict[str, Any]) -> None
 
 
 def evaluate_segm(pred: dict[str, Any] | list[dict[str, Any]], gt: dict[str, Any], *,
-                  iou_type: IouType = "segm") -> dict[str, float]:
+                  iou_type: IouType = "segm", image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """COCO AP of predictions against ground truth (pycocotools ``COCOeval``, 100 detections per image).
 
-    Every image of ``gt`` is evaluated, so an image with ground truth but no prediction counts as missed.
+    Every image of ``gt`` (or of ``image_ids``) is evaluated, so an image with ground truth but no prediction
+    counts as missed.
     With no predictions at all the APs are 0.0 (pycocotools' ``loadRes`` cannot take an empty list; an
     empty results set is built instead). As in pycocotools, a size range with no ground-truth instance
     reports -1.0.
@@ -283,6 +284,7 @@ def evaluate_segm(pred: dict[str, Any] | list[dict[str, Any]], gt: dict[str, Any
         gt: a complete COCO file (already loaded JSON); not modified. Annotations lacking ``area`` or
             ``iscrowd`` get them from their mask (or box) and 0.
         iou_type: ``"segm"`` (mask AP) or ``"bbox"`` (box AP).
+        image_ids: evaluate only these GT images (e.g. those a pseudomask file covers); None: all of them.
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``, floats in [0, 1], or -1.0 where undefined.
@@ -305,6 +307,11 @@ def evaluate_segm(pred: dict[str, Any] | list[dict[str, Any]], gt: dict[str, Any
         coco_dt = _coco_from_dict({"images": list(gt_clean["images"]),
                                    "categories": list(gt_clean["categories"]), "annotations": []})
     evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+    if image_ids is not None:
+        unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
+        _raise_problems("images to evaluate are not in the ground truth",
+                        [f"image id {i}: not in the ground truth" for i in unknown])
+        evaluator.params.imgIds = sorted(set(image_ids))
     with _silent():
         evaluator.evaluate()
         evaluator.accumulate()

@@ -229,3 +229,28 @@ def test_polygon_result_without_image_size_raises() -> None:
 def test_unknown_iou_type_raises() -> None:
     with pytest.raises(InputError, match="iou_type"):
         evaluate_segm([], make_gt(), iou_type="keypoints")  # type: ignore[arg-type]
+
+
+def test_image_ids_restrict_ap_to_the_images_a_file_covers() -> None:
+    gt = make_gt()
+    on_1_2 = [r for r in gt_as_results(gt) if r["image_id"] in (1, 2)]
+    assert evaluate_segm(on_1_2, gt)["AP"] < 0.9  # image 3's object is missed
+    assert evaluate_segm(on_1_2, gt, image_ids=[1, 2])["AP"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="image id 9: not in the ground truth"):
+        evaluate_segm(on_1_2, gt, image_ids=[1, 9])
+
+
+def test_evaluate_command_scores_a_coco_file_over_its_own_images(capsys, tmp_path) -> None:
+    from cli_runner import run_in_process
+
+    gt = make_gt()
+    pred = as_coco_file([r for r in gt_as_results(gt) if r["image_id"] in (1, 2)], gt)
+    pred["images"] = [im for im in gt["images"] if im["id"] in (1, 2)]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    code, out, err = run_in_process(capsys, "evaluate", tmp_path / "pred.json", "--gt", tmp_path / "gt.json",
+                                    "--json", tmp_path / "m.json")
+    assert code == 0, err
+    assert "its 2 of the GT's 4 images" in " ".join(out.split())
+    numbers = json.loads((tmp_path / "m.json").read_text())
+    assert numbers["images"] == 2 and numbers["segm"]["AP"] == pytest.approx(1.0)
