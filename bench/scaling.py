@@ -45,6 +45,7 @@ from typing import Any
 from _common import command_line, machine_line, markdown_table, today, usable_cores, write_section
 
 from omnilabel.jobs.pseudomask import ImageTask, PseudomaskWorker
+from omnilabel.jobs.runner import run_shards_in_process
 
 SECTION = "scaling"
 #: The issue's goals.
@@ -276,9 +277,7 @@ def run_job(inputs: dict[str, Path], out_dir: Path, *, workers: int, batch_size:
 def _in_process_timed(worker_args: tuple, shards: dict[int, list[ImageTask]]
                       ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """``run_in_process`` with ``TimedWorker``."""
-    worker = TimedWorker(*worker_args)
-    for index in sorted(shards):
-        yield index, worker(shards[index])
+    return run_shards_in_process(TimedWorker, worker_args, shards)
 
 
 def measure_throughput(args: argparse.Namespace, work: Path) -> tuple[list[Throughput], float]:

@@ -465,9 +465,9 @@ def predict(
 
     The output is a results list that `COCO.loadRes` and `omnilabel evaluate` read.
     """
+    from omnilabel.jobs.predict import predict_executor, run_predict
     from omnilabel.jobs.progress import progress_bar
     from omnilabel.students.inference import PredictConfig
-    from omnilabel.students.predict import predict_executor, run_predict
 
     config = PredictConfig(score_thresh=score_thresh, top_k=top_k, batch_size=batch_size)
     run_shards = predict_executor(num_workers, address=address, device=device)

@@ -8,7 +8,7 @@ is recorded (``errors.jsonl`` in the job directory) and the job goes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from omnilabel.data.weak import WeakType
 from omnilabel.errors import InputError
 from omnilabel.jobs.jobdir import JobDir, file_sha256
 from omnilabel.jobs.merge import merge_shards
+from omnilabel.jobs.runner import Executor, OnProgress, default_job_dir, run_shards_in_process, run_unfinished_shards
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, resolve_paths
 from omnilabel.teachers.pipeline import (
     PipelineConfig,
@@ -117,7 +118,7 @@ def task_from_dict(d: dict[str, Any]) -> ImageTask:
     return ImageTask(int(d["image_id"]), str(d["path"]), list(d["annotations"]))
 
 
-def ray_shards(options: Any) -> Callable[..., Iterable[tuple[int, list[dict[str, Any]]]]]:
+def ray_shards(options: Any) -> Executor:
     """The Ray executor for this job (``options``: ``omnilabel.jobs.ray_runner.RayOptions``)."""
     from omnilabel.jobs.ray_runner import ray_executor
 
@@ -150,8 +151,7 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
                    spec: TeacherSpec | None = None, config: PipelineConfig | None = None,
                    job_dir: str | Path | None = None, overwrite: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                    allow_outside_images: bool = False,
-                   on_progress: Callable[[int, int], None] | None = None,
-                   run_shards: Callable[..., Iterable[tuple[int, list[dict[str, Any]]]]] | None = None,
+                   on_progress: OnProgress | None = None, run_shards: Executor | None = None,
                    ) -> dict[str, Any]:
     """Run the teacher over a dataset and write the pseudomask COCO file.
 
@@ -165,8 +165,8 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
         shard_size: images per shard.
         allow_outside_images: accept absolute ``file_name``s or ones that climb out of ``images_dir``.
         on_progress: called with (images done, images total) as shards finish.
-        run_shards: executor ``(worker_args, shards: dict[index, tasks]) → iterable of (index, records)``;
-            default: in-process, one worker.
+        run_shards: executor ``(worker_args, shards: dict[index, tasks]) → iterable of (index, records)``
+            (``omnilabel.jobs.runner``); default: in-process, one worker.
 
     Returns:
         Summary: ``counts`` per weak type (+ gt, empty), ``seconds`` per stage, ``images``, ``errors``,
@@ -193,7 +193,7 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
     tasks = plan_tasks(data, images_dir, allow_outside_images=allow_outside_images)
     shards = shards_of(tasks, shard_size)
     load_detector = spec.has_detector and _needs_detector(data, config.weak)
-    job = JobDir(job_dir if job_dir is not None else output.with_name(output.name.removesuffix(".json") + ".job"))
+    job = JobDir(job_dir if job_dir is not None else default_job_dir(output))
     manifest = {"omnilabel": __version__, "command": "pseudomask", "input_sha256": file_sha256(input_path),
                 "images_dir": str(images_dir.resolve()), "n_images": len(tasks), "shard_size": shard_size,
                 "pipeline": asdict(config), "teacher": {**asdict(spec), "device": None},
@@ -204,31 +204,21 @@ def run_pseudomask(input_path: str | Path, *, output: str | Path, images_dir: st
         manifest["models"][key] = model_id(path)
         manifest["models"][key + "_sha256"] = file_sha256(path)
     job.open(manifest, overwrite=overwrite)
-    done = job.finished(len(shards))
-    todo = {i: shards[i] for i in range(len(shards)) if i not in done}
-    n_done = sum(len(shards[i]) for i in done)
-    if on_progress:
-        on_progress(n_done, len(tasks))
-    if todo:
-        paths = resolve_paths(spec, load_detector=load_detector)
-        worker_args = (spec, paths, category_names(data), config)
-        runner = run_shards or run_in_process
-        for index, records in runner(worker_args, todo):
-            job.write_shard(index, records)
-            n_done += len(records)
-            if on_progress:
-                on_progress(n_done, len(tasks))
+
+    def worker_args() -> tuple:
+        return spec, resolve_paths(spec, load_detector=load_detector), category_names(data), config
+
+    skipped = run_unfinished_shards(job, shards, worker_args=worker_args, executor=run_shards or run_in_process,
+                                    on_progress=on_progress)
     header = {k: v for k, v in data.items() if k != "annotations"}
     header["info"] = {**(data.get("info") or {}), "omnilabel": {"command": "pseudomask", "weak": config.weak,
                                                                  "models": manifest["models"], "version": __version__}}
     summary = merge_shards(job, len(shards), header=header, output=output, errors_path=job.path / "errors.jsonl")
-    summary.update(skipped_shards=len(done), wall_s=time.perf_counter() - t_start, output=str(output),
+    summary.update(skipped_shards=skipped, wall_s=time.perf_counter() - t_start, output=str(output),
                    job_dir=str(job.path), errors_path=str(job.path / "errors.jsonl"), left_out=len(left_out))
     return summary
 
 
 def run_in_process(worker_args: tuple, shards: dict[int, list[ImageTask]]) -> Iterable[tuple[int, list[dict]]]:
-    """The reference executor: one worker in this process, shards in order."""
-    worker = PseudomaskWorker(*worker_args)
-    for index in sorted(shards):
-        yield index, worker(shards[index])
+    """The reference executor (``omnilabel.jobs.runner``): one ``PseudomaskWorker`` here, shards in order."""
+    return run_shards_in_process(PseudomaskWorker, worker_args, shards)

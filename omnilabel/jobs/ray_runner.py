@@ -6,7 +6,7 @@ driver's memory does not grow with the dataset and a killed job resumes from its
 plain data crosses actor boundaries: a shard travels as JSON text and comes back as JSON text.
 
 This is the only module that imports ray. Any job whose worker is ``Worker(*args)(tasks) -> records``
-(``pseudomask`` now; ``uncertainty``, ``entities`` and ``predict`` later) runs through ``run_on_ray``.
+(``pseudomask`` and ``predict`` now; ``uncertainty`` and ``entities`` later) runs through ``run_on_ray``.
 
 Ray on a small machine: actors that ask for every CPU leave none for Ray Data's read tasks and the job
 hangs with actors pending, so on CPU each actor asks for a fraction of a CPU and sets its own torch threads.
@@ -170,7 +170,7 @@ def _map_shards(ds: Any, worker_factory: Callable[..., Any], worker_args: tuple,
 
 def ray_executor(options: RayOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]
                  ) -> Callable[[tuple, dict[int, list[Any]]], Iterable[tuple[int, list[dict[str, Any]]]]]:
-    """An executor for ``run_pseudomask(run_shards=...)`` that runs shards on Ray."""
+    """An executor (see ``omnilabel.jobs.runner``) that runs shards on Ray, for any per-image job."""
 
     def run(worker_args: tuple, shards: dict[int, list[Any]]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
         return run_on_ray(worker_factory, worker_args, shards, options=options, decode=decode)

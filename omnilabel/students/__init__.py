@@ -5,5 +5,5 @@ loss with a weight per target), ``data`` (which annotations count, augmentation,
 recipe, the run directory, checkpoints, loading a trained student), ``loop`` (the training loop, in-process
 or one DDP worker), ``train`` (the ``train-student`` entry point and its display; under Ray Train the loop
 runs through ``omnilabel.jobs.train_student``), ``inference`` (batched forward passes and
-post-processing), ``predict`` (the resumable ``predict`` job).
+post-processing), ``predict`` (the per-image work of the ``predict`` job, ``omnilabel.jobs.predict``).
 """
