@@ -4,7 +4,9 @@ Drawing conventions:
 
 - Each instance of an image gets a colour of :data:`PALETTE_RGB` by its index among the image's drawn
   annotations (cycling after 12): its mask is alpha-blended in that colour, its 1-px boundary (mask
-  pixels with a 4-neighbour outside the mask or the image) is drawn in the full colour.
+  pixels with a 4-neighbour outside the mask or the image) is drawn in the full colour. With ground truth,
+  a pseudomask takes the colour of the GT instance its ``omnilabel.weak_id`` names, so the two sides of a
+  compare image pair up by colour.
 - The prompts that made a pseudomask (``ann["omnilabel"]["prompt"]``: ``point`` ``[x, y]``, ``bbox``
   ``[x, y, w, h]``, COCO pixel-edge coordinates) are drawn in the instance's colour: the point as a
   filled circle with a white ring (radius ``max(3, 1% of the longer image side)``), the box as a dashed
@@ -154,7 +156,7 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 
 
 def draw_overlay(image_rgb: np.ndarray, anns: Sequence[dict[str, Any]], *, category_names: dict[int, str],
-                 alpha: float = 0.45) -> np.ndarray:
+                 alpha: float = 0.45, color_indices: Sequence[int] | None = None) -> np.ndarray:
     """Draw the annotations of one image on it (see the module docstring).
 
     Args:
@@ -162,16 +164,20 @@ def draw_overlay(image_rgb: np.ndarray, anns: Sequence[dict[str, Any]], *, categ
         anns: COCO annotations of this image; their order gives the colours.
         category_names: ``{category_id: name}`` for the labels.
         alpha: weight of the instance colour in the mask fill, in [0, 1].
+        color_indices: one palette index per annotation [default: its position in ``anns``].
 
     Returns:
         (H, W, 3) uint8 RGB, a new array.
     """
     height, width = image_rgb.shape[:2]
+    colors = [instance_color(c) for c in (color_indices if color_indices is not None else range(len(anns)))]
+    if len(colors) != len(anns):
+        raise ValueError(f"color_indices: expected {len(anns)} entries, got {len(colors)}")
     out = image_rgb.astype(np.float32)
     boundaries: list[tuple[tuple[np.ndarray, ...], tuple[int, int, int]]] = []  # pixel indices, colour
     anchors: list[tuple[int, int, bool] | None] = []  # per annotation: label corner (x, y, inside) or None
     for i, ann in enumerate(anns):
-        color, anchor = instance_color(i), None
+        color, anchor = colors[i], None
         if ann.get("segmentation") is not None:
             mask = decode_segmentation(ann["segmentation"], height, width)
             if mask.any():
@@ -192,23 +198,23 @@ def draw_overlay(image_rgb: np.ndarray, anns: Sequence[dict[str, Any]], *, categ
         point, bbox = _prompts(ann)
         if bbox is not None:
             box = _box_pixels(bbox, height, width)
-            _dashed_rectangle(draw, box, instance_color(i), line_px)
+            _dashed_rectangle(draw, box, colors[i], line_px)
             anchors[i] = anchors[i] or (box[0], box[1], False)
         if point is not None:
             cx = min(max(int(math.floor(point[0])), 0), width - 1)
             cy = min(max(int(math.floor(point[1])), 0), height - 1)
-            points.append((cx, cy, instance_color(i)))
+            points.append((cx, cy, colors[i]))
             anchors[i] = anchors[i] or (cx, cy + radius_px + 1, True)
     font = label_font(height, width)
     tag_y = 0
     for i, ann in enumerate(anns):
         text = _label_text(ann, category_names)
         if anchors[i] is None:  # a tag: stacked in the top-left corner
-            _draw_label(draw, text, (0, tag_y), instance_color(i), font, inside=True)
+            _draw_label(draw, text, (0, tag_y), colors[i], font, inside=True)
             tag_y += draw.textbbox((0, 0), text, font=font)[3] + 5
         else:
             x, y, inside = anchors[i]
-            _draw_label(draw, text, (x, y), instance_color(i), font, inside=inside)
+            _draw_label(draw, text, (x, y), colors[i], font, inside=inside)
     # Points last: a label must not hide the click that made the mask.
     ring_px = max(1, radius_px // 3)
     for cx, cy, color in points:
@@ -319,6 +325,19 @@ def _gt_problems(images: list[dict[str, Any]], gt: dict[str, Any], gt_path: Path
     return problems
 
 
+def _colors_like_gt(anns: Sequence[dict[str, Any]], gt_anns: Sequence[dict[str, Any]]) -> list[int]:
+    """Palette indices that give a pseudomask the colour of the GT instance its ``omnilabel.weak_id`` names
+    (GT annotations are coloured by their position); the others take the indices after the GT's."""
+    gt_index = {a.get("id"): i for i, a in enumerate(gt_anns)}
+    spare = iter(range(len(gt_anns), len(gt_anns) + len(anns)))
+    out = []
+    for ann in anns:
+        info = ann.get("omnilabel")
+        weak_id = info.get("weak_id") if isinstance(info, dict) else None
+        out.append(gt_index[weak_id] if weak_id in gt_index else next(spare))
+    return out
+
+
 def _output_name(img: dict[str, Any]) -> str:
     """``<id>_<stem>.png`` with the stem reduced to portable file-name characters."""
     stem = re.sub(r"[^\w.-]+", "_", PurePath(img["file_name"].replace("\\", "/")).stem).strip("._") or "image"
@@ -393,11 +412,12 @@ def visualize(coco_path: str | Path, *, output_dir: str | Path, images_dir: str 
     for done, img in enumerate(images, start=1):
         name, anns = _output_name(img), kept[img["id"]]
         rgb = read_image_rgb(resolve_image_path(images_dir, img["file_name"], allow_outside_images=True))
-        overlay = draw_overlay(rgb, anns, category_names=names, alpha=config.alpha)
+        gt_anns = gt_by_image.get(img["id"], [])
+        overlay = draw_overlay(rgb, anns, category_names=names, alpha=config.alpha,
+                               color_indices=_colors_like_gt(anns, gt_anns))
         write_png_atomic(overlay, output_dir / "images" / name)
         shown, miou, compare_png, uncertainty_png = overlay, None, None, None
         if gt is not None:
-            gt_anns = gt_by_image[img["id"]]
             miou = image_miou(anns, gt_anns, image=img)
             gt_overlay = draw_overlay(rgb, gt_anns, category_names=gt_names, alpha=config.alpha)
             score = "n/a" if miou is None else f"{miou:.2f}"

@@ -159,6 +159,20 @@ def test_gt_compare_miou_contact_sheet(scene, tmp_path):
     assert sheet.width >= 256 and sheet.height >= 256 and summary["contact_sheet_images"] == 1
 
 
+def test_with_gt_a_pseudomask_takes_the_colour_of_the_gt_instance_it_came_from(scene, tmp_path):
+    pseudo = json.loads(scene["pseudo"].read_text())
+    pseudo["annotations"].reverse()  # B (weak_id 101, the GT's 2nd instance) first, then A
+    (tmp_path / "reversed.json").write_text(json.dumps(pseudo))
+    out, img = tmp_path / "viz", scene["image"]
+    visualize(tmp_path / "reversed.json", output_dir=out / "plain")
+    plain = _read(out / "plain" / "images" / "1_a.png")
+    np.testing.assert_array_equal(plain[60, 90], _blend(img[60, 90], instance_color(0)))  # by position
+    visualize(tmp_path / "reversed.json", output_dir=out / "gt", gt_path=scene["gt"])
+    paired = _read(out / "gt" / "images" / "1_a.png")
+    np.testing.assert_array_equal(paired[60, 90], _blend(img[60, 90], instance_color(1)))  # as its GT
+    np.testing.assert_array_equal(paired[50, 20], _blend(img[50, 20], instance_color(0)))
+
+
 def test_miou_without_weak_ids_matches_greedily_by_class():
     image = {"id": 1, "height": H, "width": W}
     gt = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _seg(MASK_A)},
