@@ -135,26 +135,22 @@ def check_mode(data: Mapping[str, Any], mode: WeakMode, *, source: str, has_dete
             setting needs a detector and there is none.
     """
     problems = []
-    need_detector = mode in ("tags", "none")
-    annotated = set()
     for ann in data["annotations"]:
-        annotated.add(ann["image_id"])
         kind = effective_weak_type(ann, mode)
         if mode in ("points", "boxes") and kind not in (WeakType.FULL, WeakType(mode)):
             field_name = "point" if mode == "points" else "bbox"
             problems.append(f"{source}: annotation id={ann['id']}: {field_name}: --weak {mode} needs a {field_name} "
                             f"on every annotation without a segmentation (this one is {kind.value}); "
                             "use --weak auto for mixed files")
-        if mode == "auto" and kind is WeakType.TAG:
-            need_detector = True
-    if mode == "auto" and any(im["id"] not in annotated for im in data["images"]):
-        need_detector = True
     if problems:
         shown = problems[:max_problems] + ([f"... and {len(problems) - max_problems} more"]
                                            if len(problems) > max_problems else [])
         raise InputError(f"{source}: {len(problems)} annotation(s) do not fit --weak {mode}", shown)
-    if need_detector and not has_detector and (mode != "auto" or images_needing_detector(data, mode) == {
-            int(im["id"]) for im in data["images"]}):
+    if has_detector or mode in ("points", "boxes"):
+        return
+    # Without a detector, `auto` leaves out the images that need one; it is refused only if that is all of them.
+    needing = images_needing_detector(data, mode)
+    if mode in ("tags", "none") or (needing and needing == {int(im["id"]) for im in data["images"]}):
         raise InputError(f"--weak {mode}: this file has image-level tags or unlabelled images, which need a "
                          "detector; drop `--detector none` (or use --weak points/boxes)")
 
