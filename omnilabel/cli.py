@@ -294,8 +294,9 @@ def finetune_teacher(
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     out.print(table)
 
+#: Defaults of `weights init-sam`: the architecture of the example teacher (examples/teacher/train.sh).
 _ARCH = {"embed_dim": 128, "depth": 4, "num_heads": 4, "global_attn": "1,3", "window_size": 8,
-                                "patch_size": 8, "image_size": 128, "prompt_dim": 128}
+         "patch_size": 8, "image_size": 128, "prompt_dim": 128}
 
 
 @app.command()
@@ -325,7 +326,8 @@ def weights(
 
     `init-sam FILE.pth` writes a randomly initialised SAM of the architecture the `--embed-dim` … flags give
     (default: the example teacher's, 2.6 M parameters at 128 px), to train from scratch with
-    `omnilabel finetune-teacher --sam FILE.pth --train-encoder` (see examples/teacher/README.md).
+    `omnilabel finetune-teacher --sam FILE.pth --train-encoder` (examples/teacher/train.sh is the example
+    teacher's recipe).
     """
     from omnilabel.models.registry import REGISTRY, cache_dir, download, is_cached, list_weights, weight_path
 
