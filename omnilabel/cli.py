@@ -501,9 +501,10 @@ def evaluate(
     file whose annotations carry `omnilabel.weak_id`, it also prints the mean mask IoU and mean boundary
     IoU of the pseudomasks against the GT masks of those ids, per weak type.
     """
-    from omnilabel.data.coco import load_coco, read_json, write_json_atomic
+    from omnilabel.data.coco import load_coco
     from omnilabel.eval.coco_eval import evaluate_segm
     from omnilabel.eval.miou import has_weak_ids, teacher_miou
+    from omnilabel.io import read_json, write_json_atomic
 
     gt_data = load_coco(gt, allow_outside_images=True)
     pred = read_json(predictions)

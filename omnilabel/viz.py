@@ -40,7 +40,6 @@ from omnilabel.data.coco import (
     category_names,
     check_image_files,
     load_coco,
-    read_json,
     resolve_image_path,
     validate_coco,
 )
@@ -48,6 +47,7 @@ from omnilabel.data.images import read_image_rgb
 from omnilabel.data.maps import max_uncertainty, uncertainty_map_paths
 from omnilabel.errors import InputError
 from omnilabel.eval.miou import image_miou
+from omnilabel.io import read_json
 from omnilabel.ops.masks import segmentation_to_rle
 from omnilabel.viz_html import (
     ContactSheet,

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from omnilabel.data.coco import atomic_path
+from omnilabel.io import atomic_path
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; background: #f4f4f4; color: #222; }

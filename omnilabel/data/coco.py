@@ -1,4 +1,4 @@
-"""COCO files: read and validate, write atomically, index.
+"""COCO files: read and validate, write, index.
 
 Validation runs before any model loads and reports every problem at once, each as
 ``<file>: <record>: <field>: <what is wrong>``; the record is ``image id=3``, ``annotation id=7``,
@@ -12,11 +12,8 @@ directory and its normalized path stays inside it unless allowed (symbolic links
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +23,7 @@ import numpy as np
 
 from omnilabel.data.images import read_image_rgb
 from omnilabel.errors import InputError
+from omnilabel.io import read_json, write_json_atomic
 
 #: How far (pixels) a bbox may extend beyond the image border before it is refused.
 BBOX_TOLERANCE_PX = 1.0
@@ -250,28 +248,6 @@ def _capped(problems: list[str], max_problems: int) -> list[str]:
     return problems[:limit] + [f"... and {len(problems) - limit} more"]
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file.
-
-    Raises:
-        InputError: the file is missing or unreadable, or not JSON (the message gives line and column).
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        msg = f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}"
-        raise InputError(msg, [msg]) from None
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: not a readable JSON file: {e}") from None
-
-
 def load_coco(path: str | Path, *, images_dir: str | Path | None = None, allow_outside_images: bool = False,
               max_problems: int = 50) -> dict[str, Any]:
     """Read and validate a COCO file. Image files are not opened (see ``check_image_files``).
@@ -340,61 +316,8 @@ def check_image_files(data: dict[str, Any], images_dir: str | Path, *, allow_out
         return [p for p in pool.map(check, items) if p is not None]
 
 
-_TO_JSON = ((np.bool_, bool), (np.integer, int), (np.floating, float), (np.ndarray, np.ndarray.tolist),
-            (bytes, lambda b: b.decode("ascii")))  # bytes: compressed RLE counts as pycocotools returns them
-
-
-def _json_default(obj: Any) -> Any:
-    for kind, convert in _TO_JSON:
-        if isinstance(obj, kind):
-            return convert(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
-
-    A reader of ``path`` sees its old content or the complete new one, never a part. The temporary name
-    keeps ``path``'s suffix (``.x.png.<pid>.<hex>.tmp.png``) so writers that go by the suffix still work, and
-    the file gets the umask's permissions (``open(..., "x")``, not ``mkstemp``'s 0600). Parent directories
-    are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp{path.suffix}"
-    try:
-        with open(tmp, "x"):
-            pass
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """Write JSON so that ``path`` holds either its old content or the complete new one, never a part.
-
-    The JSON is compact (``separators=(",", ":")``), keys in insertion order, so the same object always
-    gives the same bytes. numpy scalars and arrays become numbers and lists, ``bytes`` (RLE counts) ASCII
-    strings. NaN and infinity are refused (they are not JSON). Parent directories of ``path`` are created.
-
-    Raises:
-        TypeError: ``obj`` holds a value that cannot be serialized (nothing is written).
-        ValueError: ``obj`` holds NaN or infinity (nothing is written).
-        OSError: the file cannot be written (nothing is left behind).
-    """
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_coco(data: dict[str, Any], path: str | Path) -> None:
-    """Write a COCO dict atomically (see ``write_json_atomic``)."""
+    """Write a COCO dict atomically (see ``omnilabel.io.write_json_atomic``)."""
     write_json_atomic(data, path)
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from omnilabel.data.coco import atomic_path
 from omnilabel.errors import InputError
+from omnilabel.io import atomic_path
 
 #: Largest value of a 16-bit map file; ``u = v / UINT16_MAX``.
 UINT16_MAX = 65535

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from omnilabel.data.coco import atomic_path
 from omnilabel.errors import InputError
+from omnilabel.io import atomic_path
 from omnilabel.ops.masks import masks_to_rle, rle_area, rle_to_bbox_xywh
 
 #: Class names; the COCO category id of ``CLASSES[i]`` is ``i + 1``.

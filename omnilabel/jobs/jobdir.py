@@ -13,28 +13,17 @@ different one refuses unless asked to overwrite.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omnilabel.data.coco import atomic_path, write_json_atomic
 from omnilabel.errors import JobError
+from omnilabel.io import write_json_atomic, write_jsonl_atomic
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class JobDir:
@@ -86,12 +75,7 @@ class JobDir:
 
     def write_shard(self, index: int, records: list[dict[str, Any]]) -> None:
         """Write one finished shard atomically: one JSON line per image record."""
-        with atomic_path(self.shard_path(index)) as tmp, open(tmp, "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec, separators=(",", ":"), allow_nan=False))
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_jsonl_atomic(records, self.shard_path(index))
 
     def read_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """The image records of one finished shard, in order."""

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omnilabel.data.coco import atomic_path
+from omnilabel.io import atomic_path
 from omnilabel.jobs.jobdir import JobDir
 
 

@@ -15,7 +15,6 @@ then ``OUTPUT.images.json`` (a COCO file with ``images`` and ``categories``) rec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -24,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from omnilabel import __version__
-from omnilabel.data.coco import atomic_path, load_coco, resolve_image_path, write_json_atomic
+from omnilabel.data.coco import load_coco, resolve_image_path
 from omnilabel.errors import InputError
-from omnilabel.jobs.jobdir import JobDir, file_sha256
+from omnilabel.io import atomic_path, file_sha256, text_sha256, write_json_atomic
+from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.runner import Executor, OnProgress, default_job_dir, run_shards_in_process, run_unfinished_shards
 from omnilabel.students.inference import PredictConfig
 from omnilabel.students.predict import PredictTask, PredictWorker, list_images, task_from_dict
@@ -122,7 +122,7 @@ def run_predict(run_dir: str | Path, *, output: str | Path, images_dir: str | Pa
     plan = json.dumps([asdict(t) for t in tasks], separators=(",", ":"))
     manifest = {"omnilabel": __version__, "command": "predict", "run_dir": str(Path(run_dir).resolve()),
                 "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": file_sha256(ckpt),
-                "images_sha256": _sha256_text(plan), "n_images": len(tasks), "shard_size": shard_size,
+                "images_sha256": text_sha256(plan), "n_images": len(tasks), "shard_size": shard_size,
                 "config": asdict(config)}
     job.open(manifest, overwrite=overwrite)
     worker_args = (str(Path(run_dir).resolve()), str(ckpt.resolve()), config, device)
@@ -135,10 +135,6 @@ def run_predict(run_dir: str | Path, *, output: str | Path, images_dir: str | Pa
     if images_json is not None:
         summary["images_json"] = str(images_json)
     return summary
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_in_process(worker_args: tuple, shards: dict[int, list[PredictTask]]) -> Iterable[tuple[int, list[dict]]]:

@@ -17,7 +17,8 @@ from omnilabel import __version__
 from omnilabel.data.coco import annotations_by_image, category_names, load_coco, resolve_image_path
 from omnilabel.data.weak import WeakType
 from omnilabel.errors import InputError
-from omnilabel.jobs.jobdir import JobDir, file_sha256
+from omnilabel.io import file_sha256
+from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.merge import merge_shards
 from omnilabel.jobs.runner import Executor, OnProgress, default_job_dir, run_shards_in_process, run_unfinished_shards
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, resolve_paths

@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from omnilabel import __version__
-from omnilabel.data.coco import atomic_path, category_names, load_coco, write_json_atomic
+from omnilabel.data.coco import category_names, load_coco
 from omnilabel.errors import InputError, JobError
-from omnilabel.jobs.jobdir import file_sha256
+from omnilabel.io import atomic_path, file_sha256, write_json_atomic
 from omnilabel.teachers.finetune import FinetuneConfig
 from omnilabel.teachers.finetune_data import collect_training_set
 from omnilabel.teachers.finetune_run import FinetuneSetup, RunPaths, train_worker

@@ -219,7 +219,7 @@ def init_sam_checkpoint(arch: SamArch, path: str | Path, *, seed: int = 0) -> Pa
     Raises:
         InputError: an inconsistent architecture.
     """
-    from omnilabel.data.coco import atomic_path
+    from omnilabel.io import atomic_path
 
     problems = []
     if min(arch.embed_dim, arch.depth, arch.num_heads, arch.patch_size, arch.image_size, arch.out_chans) < 1:

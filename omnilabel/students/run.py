@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from omnilabel.data.coco import atomic_path
 from omnilabel.errors import CheckpointError, InputError
+from omnilabel.io import save_torch_atomic
 from omnilabel.students.mask2former import (
     BACKBONES,
     PRESETS,
@@ -212,8 +212,7 @@ def clear_run(run_dir: str | Path) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch_atomic(state, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from omnilabel import __version__
-from omnilabel.data.coco import load_coco, write_json_atomic
+from omnilabel.data.coco import load_coco
 from omnilabel.errors import InputError, JobError
+from omnilabel.io import write_json_atomic
 from omnilabel.students.mask2former import STUDENT_JSON, StudentConfig, hf_config, resolve_pretrained
 from omnilabel.students.run import RunSetup, TrainConfig, clear_run, latest_checkpoint, read_student
 

@@ -29,9 +29,9 @@ from pycocotools import mask as mask_utils
 
 from omnilabel.data.coco import resolve_image_path
 from omnilabel.errors import InputError
+from omnilabel.io import save_torch_atomic
 from omnilabel.ops.boxes import masks_to_boxes_xyxy
 from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
-from omnilabel.teachers.teacher_ckpt import save_torch_atomic
 
 PromptMode = Literal["points", "boxes", "points+boxes"]
 PROMPT_MODES: tuple[str, ...] = ("points", "boxes", "points+boxes")

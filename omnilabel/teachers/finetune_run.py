@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from omnilabel.errors import InputError, JobError
+from omnilabel.io import save_torch_atomic
 from omnilabel.teachers.finetune import FinetuneConfig, LossMeter, SamTrainable, mask_losses, point_generator
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
@@ -37,7 +38,7 @@ from omnilabel.teachers.finetune_data import (
     mask_in_input_frame,
     sample_prompt,
 )
-from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, save_torch_atomic, state_dict_sha256
+from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam

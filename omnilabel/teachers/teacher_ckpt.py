@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from omnilabel.data.coco import atomic_path
 from omnilabel.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from omnilabel.teachers.class_aware import ClassAwarePrompt
 
 __all__ = ["TEACHER_FORMAT", "TeacherFile", "attach_teacher", "build_full_sam", "class_prompt_of", "file_size_mb",
-           "read_teacher", "save_torch_atomic", "state_dict_sha256"]
+           "read_teacher", "state_dict_sha256"]
 
 TEACHER_FORMAT = "omnilabel.sam-teacher"
 TEACHER_VERSION = 1
@@ -62,14 +61,6 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def save_torch_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return path
 
 
 @dataclass

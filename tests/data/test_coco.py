@@ -21,9 +21,9 @@ from omnilabel.data.coco import (
     resolve_image_path,
     validate_coco,
     write_coco,
-    write_json_atomic,
 )
 from omnilabel.errors import InputError
+from omnilabel.io import write_json_atomic
 
 H, W = 24, 32  # every test image: height 24, width 32
 
