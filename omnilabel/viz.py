@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -47,6 +47,7 @@ from omnilabel.data.images import read_image_rgb
 from omnilabel.data.maps import max_uncertainty, uncertainty_map_paths
 from omnilabel.errors import InputError
 from omnilabel.eval.miou import image_miou
+from omnilabel.events import OnEvent, emit
 from omnilabel.io import read_json
 from omnilabel.ops.masks import segmentation_to_rle
 from omnilabel.viz_html import (
@@ -346,7 +347,7 @@ def _output_name(img: dict[str, Any]) -> str:
 
 def visualize(coco_path: str | Path, *, output_dir: str | Path, images_dir: str | Path | None = None,
               gt_path: str | Path | None = None, config: VizConfig | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+              on_event: OnEvent | None = None) -> dict[str, Any]:
     """Draw a COCO file's masks, prompts and labels on its images, for a person to review.
 
     Writes into ``output_dir``: ``images/<id>_<stem>.png`` (each image with its annotations, at the input
@@ -365,7 +366,7 @@ def visualize(coco_path: str | Path, *, output_dir: str | Path, images_dir: str 
         gt_path: ground-truth COCO file; every drawn image id must be in it with the same size (its other
             images are ignored).
         config: the settings (:class:`VizConfig`).
-        on_progress: called with ``(images done, total)`` after each image.
+        on_event: gets a ``progress`` event (images done, total) after each image.
 
     Returns:
         ``{"output_dir", "images", "compare", "uncertainty"`` (counts of images written)``,
@@ -434,8 +435,7 @@ def visualize(coco_path: str | Path, *, output_dir: str | Path, images_dir: str 
             image_id=img["id"], file_name=img["file_name"], num_instances=len(anns),
             class_counts=dict(Counter(names.get(a["category_id"], str(a["category_id"])) for a in anns)),
             overlay_png=f"images/{name}", miou=miou, compare_png=compare_png, uncertainty_png=uncertainty_png))
-        if on_progress is not None:
-            on_progress(done, len(images))
+        emit(on_event, "progress", done=done, total=len(images), unit="images")
 
     write_png_atomic(sheet.image, output_dir / "contact_sheet.png")
     scored = [r.miou for r in reports if r.miou is not None]

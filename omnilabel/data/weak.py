@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, get_args
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -39,7 +41,10 @@ from omnilabel.ops.masks import segmentation_to_rle
 
 
 class WeakType(str, Enum):
-    """What an annotation tells about its object; the value is the ``--weak`` spelling."""
+    """What one annotation tells about its object (or, ``NONE``, that an image has no annotation at all).
+
+    The value is the word used in outputs (``omnilabel.weak``) and in ``--weak``.
+    """
 
     FULL = "full"  # has a segmentation (a bbox beside it is derived from the mask)
     BOX = "boxes"  # bbox [x, y, w, h], no segmentation
@@ -48,10 +53,31 @@ class WeakType(str, Enum):
     NONE = "none"  # an image with no annotations at all
 
 
-#: The weak label a split reduces annotations to; ``mixed`` draws one of the three per annotation.
-SplitWeak = Literal["tags", "points", "boxes", "mixed", "mixed-images"]
+class WeakMode(str, Enum):
+    """Which weak labels a job uses (``--weak``): the command-line option and the library take this enum.
 
-_SPLIT_WEAK: tuple[str, ...] = get_args(SplitWeak)
+    ``AUTO``: each annotation by what it carries, an image without annotations as unlabelled (``NONE``).
+    ``POINTS`` / ``BOXES``: every annotation without a mask must carry a point / a box. ``TAGS``: only the
+    classes annotated on each image. ``NONE``: ignore the labels; look for every class of the dataset.
+    """
+
+    AUTO = "auto"
+    NONE = "none"
+    TAGS = "tags"
+    POINTS = "points"
+    BOXES = "boxes"
+
+
+class SplitWeak(str, Enum):
+    """What ``split`` reduces annotations to: one weak type, or a mix drawn per annotation or per image."""
+
+    TAGS = "tags"
+    POINTS = "points"
+    BOXES = "boxes"
+    MIXED = "mixed"
+    MIXED_IMAGES = "mixed-images"
+
+
 _MIXED_TYPES = (WeakType.TAG, WeakType.POINT, WeakType.BOX)
 _TAG_KEYS = ("id", "image_id", "category_id", "iscrowd")
 
@@ -150,7 +176,7 @@ def _to_weak(ann: dict[str, Any], target: WeakType, size_hw: tuple[int, int],
     return out, True
 
 
-def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int) -> dict[str, Any]:
+def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak | str, seed: int) -> dict[str, Any]:
     """Simulate a weakly labelled dataset: masks on a fraction of the images, weak labels elsewhere.
 
     Args:
@@ -172,8 +198,10 @@ def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int
     """
     if not isinstance(fully, int | float) or isinstance(fully, bool) or not 0.0 <= fully <= 1.0:
         raise InputError(f"fully: expected a fraction in [0, 1], got {fully!r}")
-    if weak not in _SPLIT_WEAK:
-        raise InputError(f"weak: expected one of {', '.join(_SPLIT_WEAK)}, got {weak!r}")
+    try:
+        weak = SplitWeak(weak)
+    except ValueError:
+        raise InputError(f"weak: expected one of {', '.join(w.value for w in SplitWeak)}, got {weak!r}") from None
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed: expected a non-negative integer, got {seed!r}")
     images = data["images"]
@@ -196,17 +224,17 @@ def split_coco(data: dict[str, Any], *, fully: float, weak: SplitWeak, seed: int
         if image_id in full_set:
             annotations.append(copy.deepcopy(ann))
             continue
-        if weak == "mixed":
+        if weak is SplitWeak.MIXED:
             target = _MIXED_TYPES[int(rng.integers(3))]
         else:
-            target = image_types[image_id] if weak == "mixed-images" else WeakType(weak)
+            target = image_types[image_id] if weak is SplitWeak.MIXED_IMAGES else WeakType(weak.value)
         new, ok = _to_weak(ann, target, sizes[image_id], rng)
         annotations.append(new)
         n_degraded += not ok
 
     out = {k: annotations if k == "annotations" else copy.deepcopy(v)
            for k, v in data.items() if k != "omnilabel_split"}
-    out["omnilabel_split"] = {"fully": float(fully), "weak": weak, "seed": int(seed),
+    out["omnilabel_split"] = {"fully": float(fully), "weak": weak.value, "seed": int(seed),
                               "full_image_ids": full_image_ids, "n_degraded_to_tags": n_degraded}
     return out
 
@@ -224,3 +252,178 @@ def summarize_weak(data: dict[str, Any]) -> dict[str, int]:
     annotated = {ann["image_id"] for ann in data["annotations"]}
     counts[WeakType.NONE.value] = sum(1 for img in data["images"] if img["id"] not in annotated)
     return counts
+
+
+def split_file(coco: str | Path, *, output: str | Path, fully: float, weak: SplitWeak | str,
+               seed: int) -> dict[str, int]:
+    """``split_coco`` from a COCO file to a new one (written atomically).
+
+    Returns:
+        ``summarize_weak`` of the written file.
+
+    Raises:
+        InputError: a bad input file (nothing is written) or bad settings.
+    """
+    from omnilabel.data.coco import load_coco, write_coco
+
+    result = split_coco(load_coco(coco, allow_outside_images=True), fully=fully, weak=weak, seed=seed)
+    write_coco(result, output)
+    return summarize_weak(result)
+
+
+# -- the weak plan of a job ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What a job does with one image, decided once on the driver from the file and the ``--weak`` mode.
+
+    Plain data: it travels with the image's task to any worker (``to_dict`` / ``from_dict``).
+
+    Attributes:
+        image_id: the COCO image id.
+        kinds: per annotation of the image, in file order, the weak type it is used as (``FULL`` passes
+            through; under ``TAGS`` and ``NONE`` every other annotation counts as a ``TAG``).
+        detect: what the detector looks for on this image: ``TAG`` the classes tagged on it, ``NONE`` every
+            class of the dataset (unlabelled images, or ``--weak none``), None nothing (points may still use
+            detections of their own classes for Algorithm 1).
+        left_out: why the image is not in the output (it needs a detector and there is none), or None.
+    """
+
+    image_id: int
+    kinds: tuple[WeakType, ...]
+    detect: WeakType | None = None
+    left_out: str | None = None
+
+    @property
+    def needs_detector(self) -> bool:
+        """Only a detector can label (part of) this image: it has tags or no labels at all."""
+        return self.detect is not None
+
+    def has(self, kind: WeakType) -> bool:
+        return kind in self.kinds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "kinds": [k.value for k in self.kinds],
+                "detect": self.detect.value if self.detect is not None else None, "left_out": self.left_out}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImagePlan:
+        detect = d.get("detect")
+        return cls(int(d["image_id"]), tuple(WeakType(k) for k in d["kinds"]),
+                   WeakType(detect) if detect is not None else None, d.get("left_out"))
+
+
+@dataclass(frozen=True)
+class WeakPlan:
+    """The plan of a whole job: one ``ImagePlan`` per image (file order) and every problem found.
+
+    Attributes:
+        mode: the ``--weak`` mode. images: per image, in file order. problems: one line each, naming the
+            file, the record and the field; a job with problems does not start.
+    """
+
+    mode: WeakMode
+    images: tuple[ImagePlan, ...]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def kept(self) -> list[ImagePlan]:
+        """The images that go into the output."""
+        return [p for p in self.images if p.left_out is None]
+
+    @property
+    def left_out(self) -> list[ImagePlan]:
+        return [p for p in self.images if p.left_out is not None]
+
+    def uses_detector(self, *, refine_points: bool = True) -> bool:
+        """Whether any kept image runs the detector: tags, no labels, or (with refinement) points."""
+        return any(p.needs_detector or (refine_points and p.has(WeakType.POINT)) for p in self.kept)
+
+    def raise_problems(self, source: str, *, max_problems: int = 20) -> None:
+        """Raises InputError listing the problems (the first ``max_problems``), if there are any."""
+        if not self.problems:
+            return
+        shown = list(self.problems[:max_problems])
+        if len(self.problems) > max_problems:
+            shown.append(f"... and {len(self.problems) - max_problems} more")
+        raise InputError(f"{source}: {len(self.problems)} problem(s) with --weak {self.mode.value}", shown)
+
+
+_MODE_GEOMETRY = {WeakMode.POINTS: (WeakType.POINT, "point"), WeakMode.BOXES: (WeakType.BOX, "bbox")}
+
+
+def plan_image(annotations: list[dict[str, Any]], mode: WeakMode | str, *, image_id: int = 0,
+               has_detector: bool = True, source: str = "<coco>") -> tuple[ImagePlan, list[str]]:
+    """The plan of one image (see ``plan_weak``) and the problems of its annotations."""
+    mode = WeakMode(mode)
+    problems: list[str] = []
+    kinds: list[WeakType] = []
+    for ann in annotations:
+        kind = weak_type_of(ann)
+        if kind is not WeakType.FULL and mode in (WeakMode.TAGS, WeakMode.NONE):
+            kind = WeakType.TAG
+        if mode in _MODE_GEOMETRY and kind not in (WeakType.FULL, _MODE_GEOMETRY[mode][0]):
+            field_name = _MODE_GEOMETRY[mode][1]
+            problems.append(f"{source}: annotation id={ann.get('id')}: {field_name}: --weak {mode.value} needs a "
+                            f"{field_name} on every annotation without a segmentation (this one is {kind.value}); "
+                            "use --weak auto for mixed files")
+        kinds.append(kind)
+    full = WeakType.FULL in kinds
+    detect: WeakType | None = None
+    if mode is WeakMode.NONE and not full:
+        detect = WeakType.NONE
+    elif mode is WeakMode.TAGS and not full and WeakType.TAG in kinds:
+        detect = WeakType.TAG
+    elif mode is WeakMode.AUTO:
+        # An image with only GT masks runs no detector; one that also has tags does, and its detections that
+        # repeat an annotated object are dropped (teachers.pipeline).
+        detect = WeakType.NONE if not kinds else (WeakType.TAG if WeakType.TAG in kinds else None)
+    left_out = None
+    if detect is not None and not has_detector:
+        left_out = ("image-level tags need a detector" if detect is WeakType.TAG
+                    else "an image without labels needs a detector")
+    return ImagePlan(int(image_id), tuple(kinds), detect, left_out), problems
+
+
+def plan_weak(data: dict[str, Any], mode: WeakMode | str, *, has_detector: bool,
+              source: str = "<coco>") -> WeakPlan:
+    """Plan a job: per image, the weak type each annotation is used as, what the detector looks for, and
+    whether the image is left out. Pure: no file is opened, no model is loaded.
+
+    Rules:
+        - ``FULL`` annotations pass through untouched under every mode.
+        - ``POINTS`` / ``BOXES``: every other annotation must carry a point / a bbox (each misfit is a problem).
+        - ``TAGS``: an image's tags are detected, unless it has a GT mask (it is fully annotated).
+        - ``NONE``: every class is detected on each image without a GT mask; other annotations are ignored.
+        - ``AUTO``: each annotation by its own type; tags are detected (also beside GT masks: detections of
+          an annotated object are dropped later); an image without annotations is unlabelled (every class).
+        - Without a detector (``--detector none``): under ``AUTO`` the images that need one are left out
+          whole (keeping such an image with its other labels would teach a student that its tagged objects
+          are background); ``TAGS`` and ``NONE``, or ``AUTO`` when every image would be left out, are a
+          problem.
+
+    Args:
+        data: a validated COCO dict.
+        mode: the ``--weak`` mode.
+        has_detector: whether the job has a detector.
+        source: the file's name, for problems.
+
+    Returns:
+        The ``WeakPlan`` (check ``problems`` before running).
+    """
+    from omnilabel.data.coco import annotations_by_image
+
+    mode = WeakMode(mode)
+    images: list[ImagePlan] = []
+    problems: list[str] = []
+    for image_id, anns in annotations_by_image(data).items():
+        plan, found = plan_image(anns, mode, image_id=image_id, has_detector=has_detector, source=source)
+        images.append(plan)
+        problems += found
+    if not has_detector and not problems:
+        kept = [p for p in images if p.left_out is None]
+        if mode in (WeakMode.TAGS, WeakMode.NONE) or (images and not kept):
+            problems.append(f"{source}: --weak {mode.value}: the images have image-level tags or no labels, which "
+                            "need a detector; drop `--detector none` (or use --weak points/boxes)")
+    return WeakPlan(mode, tuple(images), tuple(problems))

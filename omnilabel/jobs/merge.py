@@ -14,10 +14,22 @@ from typing import Any
 
 from omnilabel.io import atomic_path
 from omnilabel.jobs.jobdir import JobDir
+from omnilabel.jobs.runner import check_not_all_failed
 
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def write_errors(lines: list[str], path: str | Path | None) -> None:
+    """Write the failed images' JSON lines to ``path``, or remove ``path`` when none failed."""
+    if path is None:
+        return
+    path = Path(path)
+    if lines:
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: str | Path,
@@ -30,6 +42,9 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
         header: COCO keys to write before the annotations (``images``, ``categories``, …).
         output: the COCO file to write (atomically: temp file + rename).
         errors_path: where to write one JSON line per image that failed (removed when there is none).
+
+    Raises:
+        JobError: every image failed; ``output`` is then not written (``errors_path`` is).
 
     Returns:
         Totals: ``counts`` (Counter per kind), ``seconds`` (Counter per stage), ``images`` done,
@@ -65,11 +80,7 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
         f.write("]}")
         f.flush()
         os.fsync(f.fileno())
-    if errors_path is not None:
-        errors_path = Path(errors_path)
-        if err_lines:
-            errors_path.write_text("\n".join(err_lines) + "\n")
-        else:
-            errors_path.unlink(missing_ok=True)
+        write_errors(err_lines, errors_path)
+        check_not_all_failed(n_images, n_errors, errors_path=Path(errors_path or output))
     return {"counts": counts, "seconds": seconds, "images": n_images, "errors": n_errors,
             "annotations": next_id - 1}

@@ -5,11 +5,13 @@ labels whole shards; the driver writes each finished shard into the job director
 driver's memory does not grow with the dataset and a killed job resumes from its finished shards. Only
 plain data crosses actor boundaries: a shard travels as JSON text and comes back as JSON text.
 
-This is the only module that imports ray. Any job whose worker is ``Worker(*args)(tasks) -> records``
-(``pseudomask`` and ``predict`` now; ``uncertainty`` and ``entities`` later) runs through ``run_on_ray``.
+This module and ``omnilabel.jobs.ray_train`` are the only ones that import ray. Any job whose worker is
+``Worker(*args)(tasks) -> records`` (``pseudomask`` and ``predict`` now; ``uncertainty`` and ``entities``
+later) runs through ``run_on_ray``.
 
 Ray on a small machine: actors that ask for every CPU leave none for Ray Data's read tasks and the job
-hangs with actors pending, so on CPU each actor asks for a fraction of a CPU and sets its own torch threads.
+hangs with actors pending, so on CPU each actor asks for a fraction of a CPU (``WORKER_CPUS``) and sets its
+own torch threads.
 """
 
 from __future__ import annotations
@@ -19,59 +21,26 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from omnilabel.errors import JobError
+from omnilabel.jobs.options import JobOptions
 
-#: CPUs each actor reserves on a CPU-only run (a fraction, so Ray Data's own tasks can still be scheduled).
-ACTOR_CPUS = 0.5
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide a job runs.
-
-    Attributes:
-        address: ``None`` starts a local Ray in this process; ``auto`` or ``ray://host:port`` joins a cluster.
-        num_workers: actors (each loads the models once).
-        device: ``cpu`` or ``cuda``; with ``cuda`` each actor takes one GPU.
-        threads_per_worker: torch CPU threads per actor.
-        max_retries: times a shard is retried when its actor dies.
-    """
-
-    address: str | None = None
-    num_workers: int = 1
-    device: str = "cpu"
-    threads_per_worker: int = 1
-    max_retries: int = 2
+#: CPUs each Ray worker (a Ray Data actor or a Ray Train worker) reserves on a CPU-only run: a fraction, so
+#: that N workers fit on N cores beside Ray's own tasks (a pool that asks for every CPU leaves none for the
+#: tasks that feed it, and hangs). With ``cuda`` a worker reserves 1 CPU and 1 GPU. Threads are set apart
+#: from this (``JobOptions.threads_per_worker``).
+WORKER_CPUS = 0.5
+#: Times a failed shard (its actor died) or a failed Ray Train worker group is retried.
+MAX_RETRIES = 2
 
 
-def ray_options(num_workers: int | None, *, address: str | None, device: str) -> RayOptions | None:
-    """The job flags ``--num-workers``/``--address``/``--device`` as ``RayOptions``; None means in-process.
-
-    ``num_workers`` None: one worker per GPU with ``cuda``, else 1; each worker gets ``cores / N`` threads.
-
-    Raises:
-        InputError: a negative count, or ``--address`` with 0 workers.
-    """
-    from omnilabel.errors import InputError
-
-    if num_workers == 0:
-        if address is not None:
-            raise InputError("--num-workers 0 runs in this process; it cannot be combined with --address")
-        return None
-    if num_workers is not None and num_workers < 0:
-        raise InputError(f"--num-workers must be ≥ 0, got {num_workers}")
-    if num_workers is None:
-        import torch
-
-        num_workers = max(torch.cuda.device_count(), 1) if device.startswith("cuda") else 1
-    threads = max((os.cpu_count() or 1) // num_workers, 1)
-    return RayOptions(address=address, num_workers=num_workers, device=device, threads_per_worker=threads)
+def worker_resources(job: JobOptions) -> dict[str, float]:
+    """What one worker of ``job`` reserves from Ray (see ``WORKER_CPUS``)."""
+    return {"CPU": 1.0, "GPU": 1.0} if job.gpu else {"CPU": WORKER_CPUS}
 
 
-def init_ray(options: RayOptions) -> None:
+def init_ray(job: JobOptions) -> None:
     """Start (or join) Ray quietly: no dashboard, no log forwarding, no Ray Data progress bars."""
     import ray
 
@@ -79,13 +48,13 @@ def init_ray(options: RayOptions) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
-        if options.address is None:
+        if job.address is None:
             # "local": a new Ray in this process, even where RAY_ADDRESS is set or `ray start` ran here.
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 1), **kwargs)
         else:
-            ray.init(address=options.address, **kwargs)
+            ray.init(address=job.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise JobError(f"cannot start or reach Ray at {options.address or 'a local instance'}: {exc}") from exc
+        raise JobError(f"cannot start or reach Ray at {job.address or 'a local instance'}: {exc}") from exc
     import logging
 
     from ray.data import DataContext
@@ -119,14 +88,14 @@ class _ShardActor:
 
 
 def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: dict[int, list[Any]], *,
-               options: RayOptions, decode: Callable[[Any], Any]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+               job: JobOptions, decode: Callable[[Any], Any]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Label shards on a Ray actor pool; yields ``(shard index, records)`` as shards finish (any order).
 
     Args:
         worker_factory: ``worker_factory(*worker_args)`` builds a worker; ``worker(tasks) -> records``.
         worker_args: picklable constructor arguments.
         shards: shard index → tasks (dataclasses of plain data).
-        options: Ray address, workers, device.
+        job: Ray address, workers, device.
         decode: turns one task's JSON dict back into a task.
 
     Raises:
@@ -134,45 +103,45 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
     """
     import ray
 
-    init_ray(options)
+    init_ray(job)
     if not shards:
         return
-    gpu = options.device.startswith("cuda")
     rows = [{"shard": i, "tasks": json.dumps([dataclasses.asdict(t) for t in shards[i]], separators=(",", ":"))}
             for i in sorted(shards)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     with warnings.catch_warnings():
         # Bounded restarts still go through ray_remote_args (Ray Data's own default is to retry forever).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        ds = _map_shards(ds, worker_factory, worker_args, decode, options, gpu=gpu, n_rows=len(rows))
+        ds = _map_shards(ds, worker_factory, worker_args, decode, job, n_rows=len(rows))
     try:
         for row in ds.iter_rows():
             yield int(row["shard"]), json.loads(row["records"])
     except ray.exceptions.RayError as exc:
-        raise JobError(f"a shard failed on Ray after {options.max_retries} retries: {exc}") from exc
+        raise JobError(f"a shard failed on Ray after {MAX_RETRIES} retries: {exc}") from exc
 
 
 def _map_shards(ds: Any, worker_factory: Callable[..., Any], worker_args: tuple, decode: Callable[[Any], Any],
-                options: RayOptions, *, gpu: bool, n_rows: int) -> Any:
+                job: JobOptions, *, n_rows: int) -> Any:
     from ray.data import ActorPoolStrategy
 
+    resources = worker_resources(job)
     return ds.map_batches(
         _ShardActor,
-        fn_constructor_args=(worker_factory, worker_args, decode, options.threads_per_worker),
+        fn_constructor_args=(worker_factory, worker_args, decode, job.threads_per_worker()),
         batch_size=1,
-        compute=ActorPoolStrategy(size=max(1, min(options.num_workers, n_rows))),
-        num_gpus=1 if gpu else 0,
-        num_cpus=1 if gpu else ACTOR_CPUS,
-        max_restarts=options.max_retries,
-        max_task_retries=options.max_retries,
+        compute=ActorPoolStrategy(size=max(1, min(job.workers, n_rows))),
+        num_gpus=resources.get("GPU", 0),
+        num_cpus=resources["CPU"],
+        max_restarts=MAX_RETRIES,
+        max_task_retries=MAX_RETRIES,
     )
 
 
-def ray_executor(options: RayOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]
+def ray_executor(job: JobOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]
                  ) -> Callable[[tuple, dict[int, list[Any]]], Iterable[tuple[int, list[dict[str, Any]]]]]:
     """An executor (see ``omnilabel.jobs.runner``) that runs shards on Ray, for any per-image job."""
 
     def run(worker_args: tuple, shards: dict[int, list[Any]]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
-        return run_on_ray(worker_factory, worker_args, shards, options=options, decode=decode)
+        return run_on_ray(worker_factory, worker_args, shards, job=job, decode=decode)
 
     return run

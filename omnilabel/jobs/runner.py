@@ -1,9 +1,11 @@
 """The skeleton every per-image job shares: skip finished shards, run the rest, write each one as it arrives.
 
 A per-image command (``pseudomask``, ``predict``; ``uncertainty`` and ``entities`` the same way) plans its
-images into shards of tasks, opens its ``JobDir`` with a manifest of everything that decides the output,
-calls ``run_unfinished_shards``, then merges the shard files into its output. The driver's memory holds the
-plan and one shard's records at a time, whatever the dataset size.
+images into shards of tasks, checks that its image files exist (``check_images_exist``), opens its ``JobDir``
+with a manifest of everything that decides the output, calls ``run_unfinished_shards`` with the executor its
+``JobOptions`` ask for (``executor_for``), then merges the shard files into its output. The driver's memory
+holds the plan and one shard's records at a time, whatever the dataset size. A job whose images all failed
+raises (``check_not_all_failed``): it did nothing, so it must not look like a success.
 
 The executor protocol::
 
@@ -28,27 +30,81 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omnilabel.errors import JobError
+from omnilabel.errors import InputError, JobError
+from omnilabel.events import OnEvent, emit
 from omnilabel.jobs.jobdir import JobDir
+from omnilabel.jobs.options import JobOptions
 
 T = TypeVar("T")
 
 #: ``executor(worker_args, {shard index: tasks}) -> iterable of (shard index, records)`` (module docstring).
 Executor = Callable[[tuple, dict[int, list[Any]]], Iterable[tuple[int, list[dict[str, Any]]]]]
 
-#: ``on_progress(images done, images total)``.
-OnProgress = Callable[[int, int], None]
 
 
-def default_job_dir(output: str | Path) -> Path:
-    """The job directory a command uses when none is given: beside ``output``, ``.json`` swapped for ``.job``
-    (``pred.json`` → ``pred.job``; a name without ``.json`` gets ``.job`` appended)."""
-    output = Path(output)
-    return output.with_name(output.name.removesuffix(".json") + ".job")
+def executor_for(job: JobOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]) -> Executor:
+    """The executor ``job`` asks for: in this process with 0 workers, else a Ray actor pool of its workers.
+
+    Args:
+        job: the job options.
+        worker_factory: the job's worker class, ``worker_factory(*worker_args)(tasks) -> records``.
+        decode: turns one task's JSON dict back into a task (how tasks travel to Ray actors).
+    """
+    if job.in_process:
+        def in_process(worker_args: tuple, shards: dict[int, list[Any]]) -> Iterable[tuple[int, list[dict]]]:
+            return run_shards_in_process(worker_factory, worker_args, shards)
+
+        return in_process
+    from omnilabel.jobs.ray_runner import ray_executor
+
+    return ray_executor(job, worker_factory, decode)
+
+
+def check_images_exist(paths: Sequence[str | Path], *, images_dir: Path, source: str,
+                       on_event: OnEvent | None = None) -> int:
+    """Before any model loads: stat every image path (no decoding).
+
+    Returns:
+        How many are missing; each is then recorded as a failed image and the job goes on (a ``warning``
+        event says how many).
+
+    Raises:
+        InputError: none of them exists (the job would do nothing): the message names the folder looked
+            in and how ``--images`` and ``file_name`` relate, with the likely folder where there is one.
+    """
+    missing = [Path(p) for p in paths if not Path(p).is_file()]
+    if paths and len(missing) == len(paths):
+        first = missing[0]
+        hint = ""
+        try:
+            rel = first.relative_to(images_dir)
+        except ValueError:
+            rel = None
+        for candidate in (images_dir / "images", images_dir.parent / "images"):
+            if rel is not None and (candidate / rel).is_file():
+                hint = f"; they are in {candidate}: pass --images {candidate}"
+                break
+        raise InputError(f"{source}: none of its {len(paths)} images exists under {images_dir} (the first "
+                         f"would be {first}). `file_name`s are relative to --images, which defaults to the JSON's "
+                         f"folder; a COCO file beside an images/ folder needs --images DIR/images{hint}")
+    if missing:
+        emit(on_event, "warning", message=f"{len(missing)} of {len(paths)} images do not exist (the first is "
+                                          f"{missing[0]}); they are recorded as failed and the job goes on")
+    return len(missing)
+
+
+def check_not_all_failed(n_images: int, n_errors: int, *, errors_path: Path) -> None:
+    """Raises JobError when every image of a non-empty job failed: such a job did nothing.
+
+    Raises:
+        JobError: ``n_images > 0`` and ``n_errors == n_images``.
+    """
+    if n_images and n_errors == n_images:
+        raise JobError(f"all {n_images} images failed, nothing was written (see {errors_path})")
 
 
 def run_unfinished_shards(job: JobDir, shards: Sequence[Sequence[T]], *, worker_args: Callable[[], tuple],
-                          executor: Executor, on_progress: OnProgress | None = None) -> int:
+                          executor: Executor, on_event: OnEvent | None = None) -> int:
     """Run ``executor`` over the shards ``job`` has not finished and write each one as it comes back.
 
     Args:
@@ -57,8 +113,8 @@ def run_unfinished_shards(job: JobDir, shards: Sequence[Sequence[T]], *, worker_
         worker_args: returns the workers' constructor arguments; called once, and only when a shard is left
             to run, so that a fully finished job needs no model (resolving model paths may download).
         executor: runs shards (see the module docstring).
-        on_progress: called with (images done, images total), first with the images of resumed shards, then
-            after every shard written.
+        on_event: gets a ``progress`` event (images done, total), first with the images of resumed shards,
+            then after every shard written.
 
     Returns:
         The number of shards skipped because an earlier run finished them.
@@ -72,8 +128,7 @@ def run_unfinished_shards(job: JobDir, shards: Sequence[Sequence[T]], *, worker_
     todo = {i: list(shards[i]) for i in range(len(shards)) if i not in done}
     n_total = sum(len(shard) for shard in shards)
     n_done = sum(len(shards[i]) for i in done)
-    if on_progress:
-        on_progress(n_done, n_total)
+    emit(on_event, "progress", done=n_done, total=n_total, unit="images")
     if not todo:
         return len(done)
     pending = set(todo)
@@ -86,8 +141,7 @@ def run_unfinished_shards(job: JobDir, shards: Sequence[Sequence[T]], *, worker_
         pending.discard(index)
         job.write_shard(index, records)
         n_done += len(records)
-        if on_progress:
-            on_progress(n_done, n_total)
+        emit(on_event, "progress", done=n_done, total=n_total, unit="images")
     if pending:
         raise JobError(f"the executor finished without shards {sorted(pending)}; rerun the job to finish them")
     return len(done)

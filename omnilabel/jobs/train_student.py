@@ -1,127 +1,150 @@
-"""The training loop under Ray Train: a ``TorchTrainer`` runs ``train_loop`` on N workers with DDP.
+"""The ``train-student`` job: check the inputs, write the run directory's ``student.json``, run the training
+loop in this process (0 workers, the reference) or on Ray Train workers (``omnilabel.jobs.ray_train``).
 
-The process group uses NCCL on GPUs (one GPU per worker) and gloo on CPUs (one CPU reserved per worker for
-scheduling, or a fraction where the cluster has fewer CPUs than workers; each worker runs ``cores / N``
-torch threads). Worker 0 writes the run directory (checkpoints, ``metrics.jsonl``); the driver follows
-``metrics.jsonl`` to feed the progress display, so what a person sees is the same as in-process. Ray
-Train's own bookkeeping goes under ``RUN_DIR/ray``. A failed worker group is restarted (twice) and
-continues from the last checkpoint; after that the run fails, and ``--resume`` continues it later.
-
-Ray is imported lazily, inside functions; ray imports live only in ``omnilabel.jobs``.
+A run directory that already holds a run is continued with ``resume`` (from its last checkpoint; the model
+and the categories must be the ones it was started with, the recipe may change, e.g. more steps) or started
+again with ``overwrite``; anything else is refused.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable
+import dataclasses
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnilabel.errors import JobError, OmnilabelError
-from omnilabel.students.run import METRICS, RunSetup
-
-#: Seconds between two reads of ``metrics.jsonl`` by the driver.
-POLL_S = 0.5
-#: Times a failed worker group is restarted; the restarted workers continue from the last checkpoint.
-MAX_FAILURES = 2
-
-
-def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-
-    from omnilabel.students.loop import train_loop
-
-    ctx = ray.train.get_context()
-    train_loop(config["setup"], device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-               world_size=ctx.get_world_size())
+from omnilabel import __version__
+from omnilabel.data.coco import load_coco
+from omnilabel.errors import InputError, JobError
+from omnilabel.events import OnEvent
+from omnilabel.io import write_json_atomic
+from omnilabel.jobs.options import Dataset, JobOptions
+from omnilabel.students.mask2former import STUDENT_JSON, StudentConfig, hf_config, resolve_pretrained
+from omnilabel.students.run import METRICS, RunSetup, TrainConfig, clear_run, latest_checkpoint, read_student
 
 
-class _Follower:
-    """Reads the lines appended to a JSON-lines file since it was created."""
+@dataclass(frozen=True)
+class StudentInputs:
+    """The training data and, optionally, the validation data (GT masks: AP after every epoch, ``best.pt``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path) as f:
-            f.seek(self.offset)
-            text = f.read()
-        complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next read
-        self.offset += len(complete.encode())
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    train: Dataset
+    val: Dataset | None = None
 
 
-def fit_on_ray(setup: RunSetup, *, num_workers: int, address: str | None,
-               on_metrics: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run ``train_loop`` on ``num_workers`` Ray Train workers; blocks until training ends.
+@dataclass(frozen=True)
+class StudentRecipe:
+    """The student and how it is trained (``omnilabel.students.run.make_configs`` builds one from a preset).
+
+    Attributes:
+        model: the architecture. train: the recipe; its ``batch_size`` is replaced by the job's when given.
+        pretrained: ``auto``, ``none`` or a path (see ``omnilabel.students.mask2former``).
+    """
+
+    model: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrained: str = "auto"
+
+
+def _categories(data: dict[str, Any]) -> tuple[list[int], list[str]]:
+    return [c["id"] for c in data["categories"]], [c["name"] for c in data["categories"]]
+
+
+def _is_resume(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether this is a resume; refuses to mix runs. Changes nothing."""
+    holds_run = (run_dir / STUDENT_JSON).exists()
+    if resume:
+        if not holds_run or latest_checkpoint(run_dir) is None:
+            raise JobError(f"{run_dir}: nothing to resume (no {STUDENT_JSON} or no checkpoint)")
+        return True
+    if holds_run and not overwrite:
+        raise JobError(f"{run_dir} holds a training run; pass --resume to continue it or --overwrite to "
+                       "start again, or choose another output directory")
+    return False
+
+
+def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions | None = None,
+                      config: StudentRecipe | None = None, *, on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Train the Mask2Former student on ground truth plus pseudomasks.
+
+    Args:
+        inputs: training data (GT and/or an omnilabel pseudomask file) and optional validation data.
+        output: the run directory (created).
+        job: workers (0: this process; N: Ray Train DDP workers), address, device, global batch (default:
+            the recipe's), resume, overwrite.
+        config: the model, the recipe and the starting weights.
+        on_event: each metrics record (``start``, ``step``, ``checkpoint``, ``epoch``, ``done``).
 
     Returns:
-        The loop's closing summary (the ``done`` record of ``metrics.jsonl``).
+        Summary from the training loop (``steps``, ``best_ap``, ``last_checkpoint``, ``counts`` …) plus
+        ``run_dir`` and ``wall_s``.
 
     Raises:
-        JobError: Ray cannot start, or a worker failed (the message carries the worker's error).
+        InputError: bad input or settings. CheckpointError: weights cannot be had or do not fit.
+        JobError: the run directory holds another run, or Ray training failed.
     """
-    from omnilabel.jobs.ray_runner import RayOptions, init_ray
+    t0 = time.perf_counter()
+    job, config = job or JobOptions(), config or StudentRecipe()
+    model, train = config.model, config.train
+    if job.batch_size is not None:
+        train = dataclasses.replace(train, batch_size=job.batch_size)
+    job.check_global_batch(train.batch_size)
+    run_dir = Path(output)
+    images_dir = inputs.train.images_dir
+    data = load_coco(inputs.train.coco, images_dir=images_dir, allow_outside_images=inputs.train.allow_outside_images)
+    category_ids, names = _categories(data)
+    val = inputs.val
+    if val is not None:
+        val_data = load_coco(val.coco, allow_outside_images=val.allow_outside_images)
+        extra = sorted({c["id"] for c in val_data["categories"]} - set(category_ids))
+        if extra:
+            raise InputError(f"{val.coco}: categories {extra} are not among the training file's categories")
+    resuming = _is_resume(run_dir, resume=job.resume, overwrite=job.overwrite)
+    source = None
+    if resuming:
+        stored = read_student(run_dir)
+        changed = [k for k, v in dataclasses.asdict(model).items() if stored["requested"].get(k) != v]
+        if stored["category_ids"] != category_ids:
+            changed.append("categories")
+        if changed:
+            raise JobError(f"{run_dir}: cannot resume with a different model (differs in: {', '.join(changed)}); "
+                           "use the settings it was started with, or --overwrite")
+        student = {**stored, "train": dataclasses.asdict(train)}
+    else:
+        source = resolve_pretrained(config.pretrained, backbone=model.backbone)
+        actual, m2f = hf_config(model, class_names=names, source=source)
+        student = {"omnilabel": __version__, "backbone": actual.backbone, "num_classes": len(names),
+                   "category_ids": category_ids, "category_names": names, "image_size": actual.image_size,
+                   "num_queries": actual.num_queries, "config": dataclasses.asdict(actual),
+                   "requested": dataclasses.asdict(model), "pretrained": config.pretrained,
+                   "pretrained_source": dataclasses.asdict(source) if source else None,
+                   "frozen_backbone_bn": source is not None, "train": dataclasses.asdict(train),
+                   "mask2former": m2f.to_dict()}
+    train_json = Path(inputs.train.coco).resolve()
+    student["data"] = {"train_json": str(train_json), "images_dir": str(images_dir),
+                       "val_json": str(Path(val.coco).resolve()) if val else None}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        clear_run(run_dir)  # also stray checkpoints: a fresh run starts from no checkpoint
+    write_json_atomic(student, run_dir / STUDENT_JSON)
+    setup = RunSetup(run_dir=str(run_dir.resolve()), train_json=str(train_json), images_dir=str(images_dir),
+                     val_json=str(Path(val.coco).resolve()) if val else None,
+                     val_images_dir=str(val.images_dir) if val and val.images is not None else None, train=train,
+                     source=source, device=job.device,
+                     threads=None if job.in_process else job.threads_per_worker(),
+                     allow_outside_images=inputs.train.allow_outside_images)
+    from omnilabel.students.loop import train_loop
 
-    init_ray(RayOptions(address=address))
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    if job.in_process:
+        summary = train_loop(setup, device=job.device, on_metrics=on_event)
+    else:
+        from omnilabel.jobs.ray_train import fit_on_ray
 
-    gpu = setup.device.startswith("cuda")
-    run_dir = Path(setup.run_dir)
-    # A whole CPU per worker where the cluster has them; less where it does not, so the workers always fit.
-    cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / num_workers)
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"setup": setup},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cpus} | ({"GPU": 1} if gpu else {})),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name="train", storage_path=str((run_dir / "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
-    )
-    follower = _Follower(run_dir / METRICS)
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="omnilabel-ray-train", daemon=True)
-    thread.start()
-    done: dict[str, Any] | None = None
-    while True:
-        thread.join(POLL_S)
-        for record in follower.read():
-            if record.get("event") == "done":
-                done = record
-            if on_metrics is not None:
-                on_metrics(record)
-        if not thread.is_alive():
-            break
-    if "error" in outcome:
-        exc = outcome["error"]
-        if isinstance(exc, OmnilabelError):
-            raise exc
-        raise JobError(f"training on Ray failed: {_root_message(exc)}; continue with --resume") from exc
-    if done is None:
-        raise JobError(f"training on Ray ended without finishing (see {run_dir / METRICS}); continue with --resume")
-    return {k: v for k, v in done.items() if k not in ("event", "time")}
-
-
-def _root_message(exc: BaseException) -> str:
-    """The innermost error a Ray failure carries, on one line."""
-    seen = exc
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {text[-1] if text else ''}"
+        records = fit_on_ray(train_loop, setup, job=job, name="train", run_dir=run_dir, log=run_dir / METRICS,
+                             on_event=on_event)
+        done = next((r for r in reversed(records) if r.get("event") == "done"), None)
+        if done is None:
+            raise JobError(f"training on Ray ended without finishing (see {run_dir / METRICS}); "
+                           "continue with --resume")
+        summary = {k: v for k, v in done.items() if k not in ("event", "time")}
+    return {**summary, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t0}

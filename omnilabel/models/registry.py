@@ -1,18 +1,20 @@
 """Named weights: where each official checkpoint comes from, where it lives in the cache, how it is fetched.
 
-A name (``vit_b``, ``grounding-dino-tiny``, ``clip-vit-b-32``) maps to a :class:`WeightSpec`: one or more
-files with their URLs and, where known, their sha256 and size. Files are cached under
+A name (``vit_b``, ``grounding-dino-tiny``, ``clip-vit-b-32``, ``resnet-50``) maps to a :class:`WeightSpec`:
+one or more files with their URLs and, where known, their sha256 and size. Files are cached under
 ``$OMNILABEL_CACHE`` (default ``~/.cache/omnilabel``) as ``<cache>/<name>/<filename>``:
 
 - a single-file checkpoint (SAM, CLIP) resolves to that file;
-- a multi-file checkpoint (Grounding DINO in ``transformers`` format) resolves to the directory
-  ``<cache>/<name>``, which ``from_pretrained`` loads.
+- a multi-file checkpoint (Grounding DINO, and the students' ImageNet ResNets, in ``transformers`` format)
+  resolves to the directory ``<cache>/<name>``, which ``from_pretrained`` loads.
 
 A download streams into a temporary file beside its target, checks the sha256 (or, where the sha256 is not
 recorded, the size, if that is), and only then renames it into place: an interrupted or corrupt download
-never leaves a file that looks cached. ``OMNILABEL_OFFLINE=1`` forbids downloads; then, as on a network
-failure, :func:`resolve` raises a :class:`~omnilabel.errors.CheckpointError` naming each missing file, its
-URL, the exact path to put it at, and the command ``omnilabel weights download NAME``.
+never leaves a file that looks cached. Progress goes to an ``on_event`` callback as ``download`` events
+(see :mod:`omnilabel.events`); nothing is printed. ``OMNILABEL_OFFLINE=1`` forbids downloads (:func:`offline`
+is the one place that reads it); then, as on a network failure, :func:`resolve` raises a
+:class:`~omnilabel.errors.CheckpointError` naming each missing file, its URL, the exact path to put it at,
+and the command ``omnilabel weights download NAME``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from omnilabel.errors import CheckpointError
+from omnilabel.events import OnEvent, emit
 
 __all__ = [
     "REGISTRY",
@@ -38,17 +41,19 @@ __all__ = [
     "download",
     "is_cached",
     "list_weights",
+    "offline",
     "resolve",
     "weight_path",
 ]
 
-WeightKind = Literal["sam", "gdino", "clip"]
+WeightKind = Literal["sam", "gdino", "clip", "resnet"]
 
 #: Environment variable overriding the cache directory.
 CACHE_ENV = "OMNILABEL_CACHE"
 #: Environment variable that forbids downloads when set to 1/true/yes.
 OFFLINE_ENV = "OMNILABEL_OFFLINE"
 
+#: Bytes read at a time, and the least progress between two ``download`` events.
 _CHUNK_BYTES = 1 << 20
 
 
@@ -76,11 +81,13 @@ class WeightSpec:
     Attributes:
         name: the name users type (``vit_b``).
         kind: which model family loads it.
-        files: its files; one for SAM and CLIP, several (a ``transformers`` model directory) for GDino.
+        files: its files; one for SAM and CLIP, several (a ``transformers`` model directory) for GDino and
+            ResNet.
         description: one line for ``omnilabel weights list``.
         license: the license of the weights.
         architecture: what the loader builds: the ``segment_anything`` registry key for SAM (``vit_b``),
-            the ``open_clip`` model name for CLIP (``ViT-B-32``), the Hugging Face repository for GDino.
+            the ``open_clip`` model name for CLIP (``ViT-B-32``), the Hugging Face repository for GDino and
+            ResNet.
     """
 
     name: str
@@ -107,6 +114,7 @@ _GDINO_FILES = (
     "tokenizer_config.json",
     "vocab.txt",
 )
+_RESNET_FILES = ("config.json", "model.safetensors")
 
 
 def _sam(name: str, stem: str, sha256: str, size_bytes: int, label: str) -> WeightSpec:
@@ -129,6 +137,19 @@ def _gdino(name: str, label: str) -> WeightSpec:
         kind="gdino",
         files=tuple(WeightFile(f, _HF_URL.format(repo=repo, filename=f)) for f in _GDINO_FILES),
         description=f"Grounding DINO {label} ({repo}, transformers format)",
+        license="Apache-2.0",
+        architecture=repo,
+    )
+
+
+def _resnet(depth: int) -> WeightSpec:
+    name = f"resnet-{depth}"
+    repo = f"microsoft/{name}"
+    return WeightSpec(
+        name=name,
+        kind="resnet",
+        files=tuple(WeightFile(f, _HF_URL.format(repo=repo, filename=f)) for f in _RESNET_FILES),
+        description=f"ResNet-{depth}, ImageNet-1k ({repo}, transformers format): a student backbone",
         license="Apache-2.0",
         architecture=repo,
     )
@@ -160,6 +181,7 @@ REGISTRY: dict[str, WeightSpec] = {
             license="MIT",
             architecture="ViT-B-32",
         ),
+        *(_resnet(depth) for depth in (18, 34, 50, 101, 152)),
     )
 }
 
@@ -206,7 +228,8 @@ def is_cached(name: str) -> bool:
     return all(_file_path(spec, wf).is_file() for wf in spec.files)
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether downloads are forbidden: ``$OMNILABEL_OFFLINE`` is ``1``, ``true``, ``yes`` or ``on``."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -222,27 +245,12 @@ def _missing_message(spec: WeightSpec, reason: str) -> str:
     return "\n".join(lines)
 
 
-def _progress_bar():
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+def _fetch(wf: WeightFile, target: Path, *, on_event: OnEvent | None) -> None:
+    """Stream ``wf.url`` to ``target`` through a temporary file; verify; rename. Network errors propagate.
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
-def _fetch(wf: WeightFile, target: Path, *, progress: bool) -> None:
-    """Stream ``wf.url`` to ``target`` through a temporary file; verify; rename. Network errors propagate."""
+    Emits ``download`` events (``file``, ``done``, ``total``): one before the first byte, then one per
+    ``_CHUNK_BYTES`` received at most, and one when the file is complete.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
@@ -252,20 +260,17 @@ def _fetch(wf: WeightFile, target: Path, *, progress: bool) -> None:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(wf.url) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else wf.size_bytes
-            bar = _progress_bar() if progress else None
-            if bar is not None:
-                bar.start()
-                task = bar.add_task(target.name, total=total)
-            try:
-                while chunk := response.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                    if bar is not None:
-                        bar.update(task, advance=len(chunk))
-            finally:
-                if bar is not None:
-                    bar.stop()
+            emit(on_event, "download", file=target.name, done=0, total=total)
+            reported = 0
+            while chunk := response.read(_CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if size - reported >= _CHUNK_BYTES:
+                    emit(on_event, "download", file=target.name, done=size, total=total)
+                    reported = size
+            if reported != size:
+                emit(on_event, "download", file=target.name, done=size, total=total)
         if wf.sha256 is not None and digest.hexdigest() != wf.sha256.lower():
             raise CheckpointError(
                 f"checksum mismatch for {wf.url}: sha256 {digest.hexdigest()}, expected {wf.sha256}; "
@@ -282,13 +287,14 @@ def _fetch(wf: WeightFile, target: Path, *, progress: bool) -> None:
         raise
 
 
-def download(name: str, *, progress: bool = True, force: bool = False) -> Path:
+def download(name: str, *, force: bool = False, on_event: OnEvent | None = None) -> Path:
     """Fetch a named checkpoint into the cache.
 
     Args:
         name: a registry name.
-        progress: show a rich progress bar per file.
         force: download again files that are already cached.
+        on_event: called with ``download`` events (``file``: the file name, ``done``: bytes so far,
+            ``total``: bytes or None when unknown) as each file arrives, at most once per MiB.
 
     Returns:
         :func:`weight_path` of the checkpoint.
@@ -299,20 +305,21 @@ def download(name: str, *, progress: bool = True, force: bool = False) -> Path:
             mismatch (the downloaded file is deleted).
     """
     spec = _spec(name)
-    if _offline():
+    if offline():
         raise CheckpointError(_missing_message(spec, f"downloads are disabled ({OFFLINE_ENV} is set)"))
     for wf in spec.files:
         target = _file_path(spec, wf)
         if target.is_file() and not force:
             continue
         try:
-            _fetch(wf, target, progress=progress)
+            _fetch(wf, target, on_event=on_event)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise CheckpointError(_missing_message(spec, f"could not be downloaded ({exc})")) from exc
     return weight_path(name)
 
 
-def resolve(name_or_path: str | os.PathLike[str], *, kind: WeightKind, allow_download: bool = True) -> Path:
+def resolve(name_or_path: str | os.PathLike[str], *, kind: WeightKind, allow_download: bool = True,
+            on_event: OnEvent | None = None) -> Path:
     """Turn a checkpoint argument (a path or a registry name) into a local path.
 
     An existing file or directory is returned as is. A registry name of the right kind gives its cached
@@ -323,6 +330,7 @@ def resolve(name_or_path: str | os.PathLike[str], *, kind: WeightKind, allow_dow
         name_or_path: a path to a checkpoint file/directory, or a registry name.
         kind: the model family expected.
         allow_download: whether a missing named checkpoint may be downloaded.
+        on_event: receives the ``download`` events of a download (see :func:`download`).
 
     Returns:
         A path that exists.
@@ -351,4 +359,4 @@ def resolve(name_or_path: str | os.PathLike[str], *, kind: WeightKind, allow_dow
         return weight_path(name)
     if not allow_download:
         raise CheckpointError(_missing_message(spec, "downloading was not allowed"))
-    return download(name)
+    return download(name, on_event=on_event)

@@ -94,3 +94,39 @@ def mask_iou(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
     inter = (a & b).sum(axis=1)
     union = (a | b).sum(axis=1)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def rle_iou_matrix(rles_a: list[dict[str, Any]], rles_b: list[dict[str, Any]]) -> np.ndarray:
+    """Pairwise mask IoU of compressed RLEs of one image (computed on the runs, nothing decoded).
+
+    Args:
+        rles_a: N COCO RLE dicts (``counts`` str or bytes). rles_b: M of the same size.
+
+    Returns:
+        (N, M) float64 in [0, 1]; 0 where a mask is empty.
+    """
+    if not rles_a or not rles_b:
+        return np.zeros((len(rles_a), len(rles_b)), dtype=np.float64)
+    a = [segmentation_to_rle(r, *r["size"]) for r in rles_a]
+    b = [segmentation_to_rle(r, *r["size"]) for r in rles_b]
+    return np.asarray(mask_utils.iou(a, b, [0] * len(b)), dtype=np.float64).reshape(len(a), len(b))
+
+
+def covered_by_same_class(rles: list[dict[str, Any]], category_ids: np.ndarray, ref_rles: list[dict[str, Any]],
+                          ref_category_ids: np.ndarray, *, iou_thresh: float) -> np.ndarray:
+    """Which masks repeat an object already annotated: mask IoU ≥ ``iou_thresh`` with a reference mask of
+    the same class.
+
+    Args:
+        rles: N compressed RLEs (e.g. detections' masks). category_ids: (N,) int.
+        ref_rles: M compressed RLEs of the annotated objects. ref_category_ids: (M,) int.
+        iou_thresh: in (0, 1].
+
+    Returns:
+        (N,) bool.
+    """
+    iou = rle_iou_matrix(rles, ref_rles)
+    if iou.size == 0:
+        return np.zeros(len(rles), dtype=bool)
+    same = np.asarray(category_ids)[:, None] == np.asarray(ref_category_ids)[None, :]
+    return ((iou >= iou_thresh) & same).any(axis=1)

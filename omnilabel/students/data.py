@@ -12,7 +12,14 @@ Masks are decoded per sample, in the DataLoader's workers, so memory holds COCO 
 Augmentation (Mask2Former's large-scale jitter, LSJ): scale the image so it fits a square of
 ``image_size · s`` (``s`` uniform in ``scale_range``, 0.1-2.0), take a random ``image_size`` square crop
 (padding where the scaled image is smaller), flip horizontally with probability ``hflip_prob``. A target
-cropped away entirely is dropped. Evaluation resizes the longer side to ``image_size`` and pads bottom/right.
+cropped away entirely is dropped.
+
+Evaluation (:func:`eval_size_hw`, :func:`eval_resize`) resizes as Mask2Former's COCO test does when the
+student has evaluation sizes (``paper``: shorter side 800, longer side at most 1333, detectron2's
+``ResizeShortestEdge``) and pads bottom/right to a multiple of 32 (``SIZE_DIVISIBILITY``); without them
+(``tiny``, and students trained before they existed) it resizes the longer side to ``image_size`` and pads
+to an ``image_size`` square.
+
 Every random draw comes from a seed the sampler hands out with the index, so a batch is the same whatever
 the number of DataLoader workers, and a resumed run sees the same batches as an uninterrupted one.
 """
@@ -37,6 +44,8 @@ from omnilabel.ops.masks import rle_to_masks
 #: ImageNet mean and std of RGB in [0, 255] (what the ResNet backbones were trained with).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+#: Evaluation inputs are padded to a multiple of this (the backbone's stride; Mask2Former: 32).
+SIZE_DIVISIBILITY = 32
 
 
 @dataclass(frozen=True)
@@ -160,19 +169,58 @@ def lsj(image: torch.Tensor, masks: torch.Tensor, *, rng: np.random.Generator, i
     return out_img, out_masks
 
 
-def eval_resize(image: torch.Tensor, *, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize the longer side to S and pad bottom/right to S x S.
+def eval_size_hw(height: int, width: int, *, image_size: int, min_size: int | None = None,
+                 max_size: int | None = None) -> tuple[int, int]:
+    """The size an image is resized to for evaluation (before padding).
+
+    With ``min_size``: detectron2's ``ResizeShortestEdge(min_size, max_size)`` — the shorter side to
+    ``min_size``, then both scaled down so the longer side is at most ``max_size``, rounded half up. Without:
+    the longer side to ``image_size``.
 
     Args:
-        image: (3, H, W) float32, normalised.
+        height, width: the image's size in pixels (> 0).
+        image_size: side S of the square used when ``min_size`` is None.
+        min_size: target of the shorter side, or None. max_size: cap of the longer side, or None (no cap).
 
     Returns:
-        ``(image (3, S, S), (h, w))`` with ``(h, w)`` the size of the image inside the padded square.
+        ``(h, w)`` in pixels, each >= 1.
+    """
+    if min_size is None:
+        factor = image_size / max(height, width)
+        return (min(max(round(height * factor), 1), image_size), min(max(round(width * factor), 1), image_size))
+    scale = min_size / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max_size is not None and max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
+
+
+def eval_padded_hw(inner_hw: tuple[int, int], *, image_size: int, min_size: int | None = None
+                   ) -> tuple[int, int]:
+    """The padded frame of one resized image: ``inner_hw`` rounded up to a multiple of ``SIZE_DIVISIBILITY``,
+    or the ``image_size`` square when ``min_size`` is None."""
+    if min_size is None:
+        return image_size, image_size
+    (h, w), d = inner_hw, SIZE_DIVISIBILITY
+    return -(-h // d) * d, -(-w // d) * d
+
+
+def eval_resize(image: torch.Tensor, *, image_size: int, min_size: int | None = None, max_size: int | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize for evaluation (:func:`eval_size_hw`) and pad bottom/right (:func:`eval_padded_hw`).
+
+    Args:
+        image: (3, H, W) float32, normalised (padding is 0, the mean colour).
+        image_size, min_size, max_size: see :func:`eval_size_hw`.
+
+    Returns:
+        ``(image (3, Hp, Wp), (h, w))``: the padded image — S x S without ``min_size``, else (h, w) rounded up
+        to multiples of 32 — and the size ``(h, w)`` of the image inside it (top-left).
     """
     _, height, width = image.shape
-    factor = image_size / max(height, width)
-    new_hw = (min(max(round(height * factor), 1), image_size), min(max(round(width * factor), 1), image_size))
-    out = image.new_zeros((3, image_size, image_size))
+    new_hw = eval_size_hw(height, width, image_size=image_size, min_size=min_size, max_size=max_size)
+    out = image.new_zeros((3, *eval_padded_hw(new_hw, image_size=image_size, min_size=min_size)))
     out[:, :new_hw[0], :new_hw[1]] = _resize(image, new_hw, masks=False)
     return out, new_hw
 

@@ -5,6 +5,13 @@ dropped) of every (query, class) pair are ranked and the ``top_k`` best kept —
 classes; each mask is the query's logits upsampled to the padded input, cropped to the image, resized to the
 original size and thresholded at 0; the score is the class probability times the mean foreground
 probability inside the mask. Empty masks and scores under ``score_thresh`` are dropped.
+
+Batches: images are resized as the student was trained to be evaluated (``omnilabel.students.data``) and
+padded bottom/right to their frame (a multiple of 32, or the ``image_size`` square). Only images with the
+same frame share a forward pass: the network attends over the padding too (``transformers``' Mask2Former
+does not mask it), so padding an image further to fit a larger neighbour would change its prediction. An
+image's prediction is therefore the one it gets alone — Mask2Former's COCO test, one image per GPU — up to
+float rounding, whatever else is in the call.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from omnilabel.ops.masks import masks_to_rle
-from omnilabel.students.data import eval_resize, normalize
+from omnilabel.students.data import eval_padded_hw, eval_resize, eval_size_hw, normalize
 
 
 @dataclass(frozen=True)
@@ -46,16 +53,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, padded_size: int, inner_hw: tuple[int, int],
-                out_hw: tuple[int, int], top_k: int = 100, score_thresh: float = 0.0, chunk: int = 25
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, padded_hw: tuple[int, int],
+                inner_hw: tuple[int, int], out_hw: tuple[int, int], top_k: int = 100, score_thresh: float = 0.0,
+                chunk: int = 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's instances from the model's outputs (see the module docstring).
 
     Args:
         class_logits: (Q, K + 1) float, last column "no object".
-        mask_logits: (Q, h, w) float, at 1/4 of the padded input.
-        padded_size: side S of the square the network saw.
-        inner_hw: ``(h, w)`` of the image inside that square (top-left).
+        mask_logits: (Q, Hp / 4, Wp / 4) float, at 1/4 of the padded input.
+        padded_hw: ``(Hp, Wp)`` of the padded input the network saw.
+        inner_hw: ``(h, w)`` of the resized image inside that frame (top-left).
         out_hw: ``(H, W)`` of the original image.
         top_k: most instances kept. score_thresh: lowest score kept.
         chunk: masks upsampled at a time (bounds memory for large images).
@@ -71,7 +78,7 @@ def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, padded
     masks, mask_scores = [], []
     for lo in range(0, len(queries), chunk):
         logits = mask_logits[queries[lo:lo + chunk]].float()[None]
-        logits = F.interpolate(logits, size=(padded_size, padded_size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=padded_hw, mode="bilinear", align_corners=False)
         logits = logits[:, :, :inner_hw[0], :inner_hw[1]]
         logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)[0]
         binary = logits > 0
@@ -89,32 +96,42 @@ def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, padded
 
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, images: Sequence[np.ndarray], *, image_size: int,
-                   config: PredictConfig = PredictConfig(), device: torch.device | str = "cpu"
-                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Run the student over images in batches of ``config.batch_size``.
+                   min_size: int | None = None, max_size: int | None = None, config: PredictConfig = PredictConfig(),
+                   device: torch.device | str = "cpu") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Run the student over images, up to ``config.batch_size`` images of the same padded frame at a time.
 
     Args:
         model: a student in eval mode on ``device``.
         images: (H, W, 3) uint8 RGB each, any sizes.
-        image_size: side S the student was trained at (the longer side is resized to it).
+        image_size, min_size, max_size: the student's evaluation size (``student.json``; see
+            ``omnilabel.students.data.eval_size_hw``): with ``min_size``, the shorter side to ``min_size``
+            and the longer at most ``max_size``, padded to multiples of 32; without, the longer side to
+            ``image_size``, padded to that square.
         config: batch size, ``top_k``, ``score_thresh``.
         device: where the model is.
 
     Returns:
-        Per image, :func:`postprocess`'s ``(masks, scores, labels)``.
+        Per image, in order, :func:`postprocess`'s ``(masks, scores, labels)``; each the same (up to float
+        rounding) as when predicted alone.
     """
     device = torch.device(device)
-    out = []
-    for lo in range(0, len(images), config.batch_size):
-        batch = images[lo:lo + config.batch_size]
-        resized = [eval_resize(normalize(img), image_size=image_size) for img in batch]
-        pixels = torch.stack([r[0] for r in resized]).to(device)
-        with autocast(device):
-            outputs = model(pixel_values=pixels)
-        for i, img in enumerate(batch):
-            out.append(postprocess(outputs.class_queries_logits[i], outputs.masks_queries_logits[i],
-                                   padded_size=image_size, inner_hw=resized[i][1], out_hw=img.shape[:2],
-                                   top_k=config.top_k, score_thresh=config.score_thresh))
+    inner = [eval_size_hw(*img.shape[:2], image_size=image_size, min_size=min_size, max_size=max_size)
+             for img in images]
+    by_frame: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(inner):
+        by_frame.setdefault(eval_padded_hw(hw, image_size=image_size, min_size=min_size), []).append(i)
+    out: list[Any] = [None] * len(images)
+    for frame, indices in by_frame.items():
+        for lo in range(0, len(indices), config.batch_size):
+            batch = indices[lo:lo + config.batch_size]
+            pixels = torch.stack([eval_resize(normalize(images[i]), image_size=image_size, min_size=min_size,
+                                              max_size=max_size)[0] for i in batch]).to(device)
+            with autocast(device):
+                outputs = model(pixel_values=pixels)
+            for j, i in enumerate(batch):
+                out[i] = postprocess(outputs.class_queries_logits[j], outputs.masks_queries_logits[j],
+                                     padded_hw=frame, inner_hw=inner[i], out_hw=images[i].shape[:2],
+                                     top_k=config.top_k, score_thresh=config.score_thresh)
     return out
 
 

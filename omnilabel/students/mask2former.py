@@ -7,9 +7,10 @@ config as a dict, so ``omnilabel.students.run.load_student`` rebuilds the model 
 Pretrained weights (``--pretrained``):
 
 * ``none``: random initialisation (tests, the ``tiny`` preset);
-* ``auto``: ImageNet-1k weights of the backbone in ``transformers`` format (``microsoft/resnet-50`` …), taken
-  from ``$OMNILABEL_CACHE/resnet-50/`` or downloaded there; with no network the error says which files to put
-  where, or to pass ``none`` or a path;
+* ``auto``: ImageNet-1k weights of the backbone in ``transformers`` format: the weight registry's
+  ``resnet-50`` … (``microsoft/resnet-50`` …, see ``omnilabel.models.registry``), taken from
+  ``$OMNILABEL_CACHE/resnet-50/`` or downloaded there; with no network (or ``OMNILABEL_OFFLINE=1``) the error
+  says which files to put where, or to pass ``none`` or a path;
 * a path: a local ``transformers`` directory (``config.json`` + weights) of either a ResNet (the backbone
   takes its weights and architecture) or a Mask2Former, e.g. a released COCO checkpoint (every weight is
   taken; the class head is re-initialised when the number of classes differs, and the checkpoint's
@@ -17,6 +18,11 @@ Pretrained weights (``--pretrained``):
 
 With pretrained backbone weights, the backbone's BatchNorm layers are frozen (statistics and affine), as
 detectron2's ``FrozenBN`` does for Mask2Former's ResNets; from scratch they train.
+
+Evaluation size: the ``paper`` student is evaluated as Mask2Former's COCO test resizes (shorter side 800,
+longer side at most 1333, padded bottom/right to a multiple of 32); the ``tiny`` one, like students written
+before those fields existed, resizes the longer side to ``image_size`` and pads to a square (see
+``omnilabel.students.data.eval_size_hw``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from omnilabel.errors import CheckpointError
+from omnilabel.events import OnEvent
 
 if TYPE_CHECKING:
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
@@ -41,7 +47,6 @@ if TYPE_CHECKING:
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 #: The run directory's description of the model (written by training, read by predict).
 STUDENT_JSON = "student.json"
-_OFFLINE_ENV = "OMNILABEL_OFFLINE"
 
 
 @dataclass(frozen=True)
@@ -53,36 +58,41 @@ class BackboneSpec:
         depths: blocks per stage.
         hidden_sizes: output channels per stage.
         embedding_size: channels of the stem.
-        hf_repo: Hugging Face repository of the ImageNet-1k weights, or None.
+        weights: name of the ImageNet-1k weights in ``omnilabel.models.registry`` (kind ``resnet``), or None.
     """
 
     layer_type: Literal["basic", "bottleneck"]
     depths: tuple[int, ...]
     hidden_sizes: tuple[int, ...]
     embedding_size: int = 64
-    hf_repo: str | None = None
+    weights: str | None = None
 
 
 _WIDE = (256, 512, 1024, 2048)
 BACKBONES: dict[str, BackboneSpec] = {
     # For tests and demos: 4 stages of one basic block each, 16-128 channels (~0.3 M parameters).
     "tiny": BackboneSpec("basic", (1, 1, 1, 1), (16, 32, 64, 128), 16),
-    "resnet18": BackboneSpec("basic", (2, 2, 2, 2), (64, 128, 256, 512), hf_repo="microsoft/resnet-18"),
-    "resnet34": BackboneSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512), hf_repo="microsoft/resnet-34"),
-    "resnet50": BackboneSpec("bottleneck", (3, 4, 6, 3), _WIDE, hf_repo="microsoft/resnet-50"),
-    "resnet101": BackboneSpec("bottleneck", (3, 4, 23, 3), _WIDE, hf_repo="microsoft/resnet-101"),
-    "resnet152": BackboneSpec("bottleneck", (3, 8, 36, 3), _WIDE, hf_repo="microsoft/resnet-152"),
+    "resnet18": BackboneSpec("basic", (2, 2, 2, 2), (64, 128, 256, 512), weights="resnet-18"),
+    "resnet34": BackboneSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512), weights="resnet-34"),
+    "resnet50": BackboneSpec("bottleneck", (3, 4, 6, 3), _WIDE, weights="resnet-50"),
+    "resnet101": BackboneSpec("bottleneck", (3, 4, 23, 3), _WIDE, weights="resnet-101"),
+    "resnet152": BackboneSpec("bottleneck", (3, 8, 36, 3), _WIDE, weights="resnet-152"),
 }
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The student's architecture and input size (defaults: Mask2Former R50, COCO instance, LSJ).
+    """The student's architecture and input sizes (defaults: Mask2Former R50, COCO instance, LSJ).
 
     Attributes:
         backbone: a key of ``BACKBONES`` (``resnet50``: the paper's student).
         num_queries: object queries (Mask2Former COCO instance: 100).
-        image_size: side in pixels of the square the network sees (Mask2Former LSJ: 1024).
+        image_size: side in pixels of the square training crops (Mask2Former LSJ: 1024).
+        eval_min_size: evaluation resizes the shorter side to this many pixels (Mask2Former COCO test:
+            ``ResizeShortestEdge`` 800), pads bottom/right to a multiple of 32; None: the longer side to
+            ``image_size``, padded to a square (the ``tiny`` preset, and students written before this field).
+        eval_max_size: at evaluation the longer side is at most this many pixels (Mask2Former COCO test:
+            1333); None: no limit. Ignored when ``eval_min_size`` is None.
         hidden_dim: width of the pixel decoder and the transformer decoder (Mask2Former: 256).
         encoder_layers: deformable-attention layers of the pixel decoder (Mask2Former: 6).
         decoder_layers: masked-attention decoder layers, counting the first prediction (HF default: 10,
@@ -96,6 +106,8 @@ class StudentConfig:
     backbone: str = "resnet50"
     num_queries: int = 100
     image_size: int = 1024
+    eval_min_size: int | None = 800
+    eval_max_size: int | None = 1333
     hidden_dim: int = 256
     encoder_layers: int = 6
     decoder_layers: int = 10
@@ -106,12 +118,13 @@ class StudentConfig:
 
 
 #: ``paper``: the recipe's model. ``tiny``: a ~0.5 M-parameter model of the same architecture for tests, the
-#: benchmark and the demo (128-px inputs, 20 queries, 1 encoder + 3 decoder layers, 64 wide, 1024 points).
+#: benchmark and the demo (128-px inputs, evaluated at 128 px padded to a square, 20 queries, 1 encoder + 3
+#: decoder layers, 64 wide, 1024 points).
 PRESETS: dict[str, StudentConfig] = {
     "paper": StudentConfig(),
-    "tiny": StudentConfig(backbone="tiny", num_queries=20, image_size=128, hidden_dim=64, encoder_layers=1,
-                          decoder_layers=3, num_heads=4, dim_feedforward=128, encoder_feedforward_dim=128,
-                          train_num_points=1024),
+    "tiny": StudentConfig(backbone="tiny", num_queries=20, image_size=128, eval_min_size=None, eval_max_size=None,
+                          hidden_dim=64, encoder_layers=1, decoder_layers=3, num_heads=4, dim_feedforward=128,
+                          encoder_feedforward_dim=128, train_num_points=1024),
 }
 
 
@@ -136,12 +149,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _cache_dir() -> Path:
-    from omnilabel.models.registry import cache_dir
-
-    return cache_dir()
-
-
 def _weights_file(folder: Path) -> Path | None:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
@@ -149,42 +156,41 @@ def _weights_file(folder: Path) -> Path | None:
     return None
 
 
-def imagenet_weights_dir(backbone: str) -> Path:
-    """The local directory of a backbone's ImageNet weights, downloading them into the cache if missing.
+def imagenet_weights_dir(backbone: str, *, on_event: OnEvent | None = None) -> Path:
+    """The local directory of a backbone's ImageNet weights (``$OMNILABEL_CACHE/resnet-50/`` …), downloading
+    them into the cache through the weight registry if missing.
+
+    Args:
+        backbone: a key of ``BACKBONES``.
+        on_event: receives the registry's ``download`` events.
 
     Raises:
         CheckpointError: the backbone has no ImageNet weights, or they are not cached and cannot be
-            downloaded (the message names the files, where to put them, and the ``none``/path choices).
+            downloaded (the registry's message names the files and where to put them; the ``none``/path
+            choices follow).
     """
+    from omnilabel.models.registry import resolve
+
     spec = _backbone_spec(backbone)
-    if spec.hf_repo is None:
+    if spec.weights is None:
         raise CheckpointError(f"backbone {backbone!r} has no ImageNet weights; pass --pretrained none (random "
                               "initialisation) or --pretrained PATH")
-    target = _cache_dir() / spec.hf_repo.split("/")[-1]
-    if (target / "config.json").is_file() and _weights_file(target) is not None:
-        return target
-    hint = (f"Put config.json and model.safetensors from https://huggingface.co/{spec.hf_repo} into {target}, "
-            "or pass --pretrained none (random initialisation) or --pretrained PATH (a local transformers "
-            "ResNet or Mask2Former directory).")
-    if os.environ.get(_OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
-        raise CheckpointError(f"ImageNet weights of {backbone} are not in the cache and downloads are disabled "
-                              f"({_OFFLINE_ENV} is set). {hint}")
     try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(spec.hf_repo, "config.json", local_dir=target)
-        try:
-            hf_hub_download(spec.hf_repo, "model.safetensors", local_dir=target)
-        except Exception:  # noqa: BLE001 - older repositories only have the .bin
-            hf_hub_download(spec.hf_repo, "pytorch_model.bin", local_dir=target)
-    except Exception as exc:  # noqa: BLE001 - any hub or network failure means the same to the user
-        raise CheckpointError(f"ImageNet weights of {backbone} ({spec.hf_repo}) are not in the cache and could "
-                              f"not be downloaded ({type(exc).__name__}: {exc}). {hint}") from exc
-    return target
+        return resolve(spec.weights, kind="resnet", on_event=on_event)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"ImageNet weights of {backbone}: {exc}\nOr pass --pretrained none (random initialisation) or "
+            "--pretrained PATH (a local transformers ResNet or Mask2Former directory).") from exc
 
 
-def resolve_pretrained(pretrained: str, *, backbone: str) -> PretrainedSource | None:
+def resolve_pretrained(pretrained: str, *, backbone: str, on_event: OnEvent | None = None
+                       ) -> PretrainedSource | None:
     """Turn ``--pretrained`` (``auto``, ``none`` or a path) into local weights, or None for random init.
+
+    Args:
+        pretrained: ``auto``, ``none`` or a path.
+        backbone: a key of ``BACKBONES`` (whose ImageNet weights ``auto`` means).
+        on_event: receives ``download`` events when ``auto`` downloads the weights.
 
     Raises:
         CheckpointError: see :func:`imagenet_weights_dir`; a path that is not a ``transformers`` ResNet or
@@ -193,7 +199,7 @@ def resolve_pretrained(pretrained: str, *, backbone: str) -> PretrainedSource | 
     if pretrained == "none":
         return None
     if pretrained == "auto":
-        return PretrainedSource("resnet", str(imagenet_weights_dir(backbone)))
+        return PretrainedSource("resnet", str(imagenet_weights_dir(backbone, on_event=on_event)))
     path = Path(pretrained).expanduser()
     config_path = path / "config.json"
     if not path.is_dir() or not config_path.is_file():
@@ -222,7 +228,7 @@ def hf_config(cfg: StudentConfig, *, class_names: list[str],
     """The ``Mask2FormerConfig`` of a student, and the student config it really has.
 
     A Mask2Former checkpoint brings its own architecture: the returned ``StudentConfig`` then carries the
-    checkpoint's backbone type, width, layers and queries (``image_size`` is kept).
+    checkpoint's backbone type, width, layers and queries (``image_size`` and the evaluation sizes are kept).
 
     Args:
         cfg: the requested architecture.

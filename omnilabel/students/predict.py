@@ -1,8 +1,9 @@
 """Predicting with a trained student, one image task at a time: what the ``predict`` job runs on each shard.
 
 ``PredictWorker`` loads the student once and turns a shard of ``PredictTask``s into records (COCO results per
-image, or an ``error`` for an unreadable image); ``list_images`` names the images of a folder when no COCO file
-does. Planning, resume, executors and the merge live in ``omnilabel.jobs.predict``.
+image, or an ``error`` for an unreadable image), at the evaluation size its ``student.json`` gives;
+``list_images`` names the images of a folder when no COCO file does. Planning, resume, executors and the merge
+live in ``omnilabel.jobs.predict``.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ class PredictWorker:
     def __init__(self, run_dir: str, checkpoint: str | None, config: PredictConfig, device: str) -> None:
         import torch
 
-        from omnilabel.students.run import load_student
+        from omnilabel.students.run import eval_sizes, load_student
 
         self.device = torch.device(device)
         self.model, student = load_student(run_dir, checkpoint=checkpoint)
         self.model.to(self.device)
         self.category_ids = student["category_ids"]
-        self.image_size = int(student["config"]["image_size"])
+        self.sizes = eval_sizes(student)
         self.config = config
 
     def __call__(self, tasks: Sequence[PredictTask]) -> list[dict[str, Any]]:
@@ -66,8 +67,8 @@ class PredictWorker:
             except InputError as exc:
                 records.append({"image_id": task.image_id, "file_name": task.path, "error": str(exc)})
         t0 = time.perf_counter()
-        preds = predict_images(self.model, [image for _, _, image in good], image_size=self.image_size,
-                               config=self.config, device=self.device)
+        preds = predict_images(self.model, [image for _, _, image in good], **self.sizes, config=self.config,
+                               device=self.device)
         seconds = (time.perf_counter() - t0) / max(len(good), 1)
         for (index, task, _), (masks, scores, labels) in zip(good, preds, strict=True):
             records[index].update(results=coco_results(task.image_id, masks, scores, labels,

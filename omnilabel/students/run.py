@@ -4,7 +4,8 @@ student back from it.
 Run directory layout::
 
     RUN_DIR/
-      student.json                 model (Mask2Former config), categories, image size, queries, settings
+      student.json                 model (Mask2Former config), categories, image and evaluation sizes, queries,
+                                   settings
       metrics.jsonl                one JSON line per event: start, step, checkpoint, epoch (with val AP), done
       checkpoints/step_00001000.pt model + optimiser + schedule + step (the last ``keep_checkpoints`` kept)
       best.pt                      model weights of the best validation AP (with ``--val``)
@@ -46,6 +47,10 @@ CHECKPOINTS = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 Preset = Literal["paper", "tiny"]
+#: Learning-rate schedules: ``multistep`` (detectron2's WarmupMultiStepLR, Mask2Former COCO instance) and
+#: ``poly`` (detectron2's WarmupPolyLR, Mask2Former's ADE20K/Cityscapes recipes).
+LrSchedule = Literal["multistep", "poly"]
+LR_SCHEDULES: tuple[LrSchedule, ...] = ("multistep", "poly")
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,13 @@ class TrainConfig:
         lr: AdamW learning rate (Mask2Former: 1e-4).
         weight_decay: AdamW weight decay (Mask2Former: 0.05; 0 on norms and embeddings).
         backbone_lr_mult: backbone learning-rate factor (Mask2Former: 0.1).
-        poly_power: poly schedule exponent (detectron2's WarmupPolyLR: 0.9).
+        lr_schedule: ``multistep``: ``lr · lr_gamma ** n`` with n the ``lr_steps`` passed (Mask2Former COCO
+            instance, Base-COCO-InstanceSegmentation.yaml); ``poly``: ``lr · (1 - step / total) ** poly_power``.
+            Neither has a warm-up (Mask2Former's is 10 iterations at factor 1.0, i.e. none).
+        lr_steps: where ``multistep`` multiplies the lr by ``lr_gamma``, as fractions in (0, 1] of the total
+            steps, increasing (Mask2Former COCO: iterations 327,778 and 355,092 of 368,750, ≈ 88.9 % and 96.3 %).
+        lr_gamma: ``multistep`` factor (Mask2Former: 0.1).
+        poly_power: ``poly`` exponent (detectron2's WarmupPolyLR: 0.9).
         grad_clip_norm: full-model gradient-norm clip (Mask2Former: 0.01); 0 turns it off.
         scale_range: LSJ scale range (Mask2Former COCO: 0.1-2.0).
         hflip_prob: horizontal flip probability (Mask2Former: 0.5).
@@ -78,6 +89,9 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.1
+    lr_schedule: LrSchedule = "multistep"
+    lr_steps: tuple[float, ...] = (327778 / 368750, 355092 / 368750)
+    lr_gamma: float = 0.1
     poly_power: float = 0.9
     grad_clip_norm: float = 0.01
     scale_range: tuple[float, float] = (0.1, 2.0)
@@ -92,12 +106,13 @@ class TrainConfig:
 
 
 #: ``paper``: the recipe above, from ImageNet weights. ``tiny``: the ``tiny`` model from scratch, batch 4,
-#: lr 1e-3 (measured on synthetic scenes: COCO AP 0.51-0.54 after 300 steps, against 0.31 with 3e-4), LSJ
-#: range 0.5-1.5 on 128-px images, no DataLoader processes, a record every 10 steps, a checkpoint every 200.
+#: lr 1e-3 with the poly schedule (measured on synthetic scenes: COCO AP 0.51-0.54 after 300 steps, against
+#: 0.31 with 3e-4), LSJ range 0.5-1.5 on 128-px images, no DataLoader processes, a record every 10 steps, a
+#: checkpoint every 200.
 TRAIN_PRESETS: dict[str, tuple[TrainConfig, str]] = {
     "paper": (TrainConfig(), "auto"),
-    "tiny": (TrainConfig(batch_size=4, lr=1e-3, scale_range=(0.5, 1.5), checkpoint_every=200, log_every=10,
-                         data_workers=0), "none"),
+    "tiny": (TrainConfig(batch_size=4, lr=1e-3, lr_schedule="poly", scale_range=(0.5, 1.5), checkpoint_every=200,
+                         log_every=10, data_workers=0), "none"),
 }
 
 
@@ -126,15 +141,16 @@ class RunSetup:
 
 
 def make_configs(preset: Preset = "paper", *, backbone: str | None = None, pretrained: str | None = None,
-                 num_queries: int | None = None, image_size: int | None = None, **train_overrides: object
+                 num_queries: int | None = None, image_size: int | None = None, eval_min_size: int | None = None,
+                 eval_max_size: int | None = None, **train_overrides: object
                  ) -> tuple[StudentConfig, TrainConfig, str]:
     """The model, the recipe and ``--pretrained``: each value from its flag if given (not None), else the preset.
 
     Args:
         preset: ``paper`` or ``tiny``.
-        backbone, pretrained, num_queries, image_size: model overrides.
-        train_overrides: ``TrainConfig`` fields (``epochs``, ``max_steps``, ``batch_size``, ``lr``, …);
-            None values are ignored.
+        backbone, pretrained, num_queries, image_size, eval_min_size, eval_max_size: model overrides.
+        train_overrides: ``TrainConfig`` fields (``epochs``, ``max_steps``, ``batch_size``, ``lr``,
+            ``lr_schedule``, ``lr_steps``, …); None values are ignored.
 
     Raises:
         InputError: unknown preset, backbone or field, or a value out of range.
@@ -142,13 +158,16 @@ def make_configs(preset: Preset = "paper", *, backbone: str | None = None, pretr
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     model = dataclasses.replace(PRESETS[preset], **{k: v for k, v in {
-        "backbone": backbone, "num_queries": num_queries, "image_size": image_size}.items() if v is not None})
+        "backbone": backbone, "num_queries": num_queries, "image_size": image_size, "eval_min_size": eval_min_size,
+        "eval_max_size": eval_max_size}.items() if v is not None})
     base, default_pretrained = TRAIN_PRESETS[preset]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(train_overrides) - fields)
     if unknown:
         raise InputError(f"unknown training settings: {', '.join(unknown)}")
     train = dataclasses.replace(base, **{k: v for k, v in train_overrides.items() if v is not None})
+    if not isinstance(train.lr_steps, tuple):  # a list from a file or a flag
+        train = dataclasses.replace(train, lr_steps=tuple(train.lr_steps))
     problems = _problems(model, train)
     if problems:
         raise InputError("bad training settings", problems)
@@ -156,15 +175,28 @@ def make_configs(preset: Preset = "paper", *, backbone: str | None = None, pretr
 
 
 def _problems(model: StudentConfig, train: TrainConfig) -> list[str]:
+    steps = train.lr_steps
     checks = [
         (model.backbone in BACKBONES, f"--backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}"),
         (model.num_queries >= 1, f"--num-queries must be >= 1, got {model.num_queries}"),
         (model.image_size >= 32 and model.image_size % 32 == 0,
          f"--image-size must be a multiple of 32 (the backbone's stride), >= 32, got {model.image_size}"),
+        (model.eval_min_size is None or model.eval_min_size >= 1,
+         f"eval_min_size must be >= 1 or None, got {model.eval_min_size}"),
+        (model.eval_max_size is None or (model.eval_min_size is not None
+                                         and model.eval_max_size >= model.eval_min_size),
+         f"eval_max_size must be None, or >= eval_min_size (which must then be set); got {model.eval_max_size} "
+         f"with eval_min_size {model.eval_min_size}"),
         (train.epochs >= 1, f"--epochs must be >= 1, got {train.epochs}"),
         (train.max_steps is None or train.max_steps >= 1, f"--max-steps must be >= 1, got {train.max_steps}"),
         (train.batch_size >= 1, f"--batch-size must be >= 1, got {train.batch_size}"),
         (train.lr > 0, f"--lr must be > 0, got {train.lr}"),
+        (train.lr_schedule in LR_SCHEDULES,
+         f"--lr-schedule: {train.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"),
+        (all(0 < f <= 1 for f in steps) and all(a < b for a, b in zip(steps, steps[1:], strict=False)),
+         f"lr_steps must be increasing fractions of the total steps in (0, 1], got {steps}"),
+        (train.lr_gamma > 0, f"lr_gamma must be > 0, got {train.lr_gamma}"),
+        (train.poly_power >= 0, f"poly_power must be >= 0, got {train.poly_power}"),
         (0.0 <= train.min_score <= 1.0, f"--min-score must be in [0, 1], got {train.min_score}"),
         (train.pseudo_weight >= 0, f"--pseudo-weight must be >= 0, got {train.pseudo_weight}"),
         (train.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {train.checkpoint_every}"),
@@ -228,6 +260,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+
+
+def eval_sizes(student: dict[str, Any]) -> dict[str, int | None]:
+    """The evaluation size of a student from its ``student.json``, as ``predict_images`` keywords.
+
+    Returns:
+        ``{"image_size": S, "min_size": …, "max_size": …}``; a ``student.json`` written before the evaluation
+        sizes existed has none, i.e. ``min_size`` and ``max_size`` None (the longer side to S, a square).
+    """
+    config = student["config"]
+    return {"image_size": int(config["image_size"]), "min_size": config.get("eval_min_size"),
+            "max_size": config.get("eval_max_size")}
 
 
 def read_student(run_dir: str | Path) -> dict[str, Any]:

@@ -17,6 +17,9 @@ Choices where the paper is silent:
   training). Box and point + box prompts use the single-output head.
 - SAM's IoU head picks among the 3 masks at inference and gives the pseudomask score, so it is trained too,
   with SAM's own MSE loss against the IoU of each predicted mask (weight ``iou_weight`` = 1; 0 freezes it).
+- Box prompts are the GT masks' boxes in SAM's convention, jittered as SAM's own training does (10 % of
+  the side, at most 20 px, in SAM's input frame; ``box_jitter``), since at inference a box comes from a
+  detector or a stage-1 mask, never exactly from the GT (``finetune_data``).
 - Weight decay: AdamW's default, 0.01. No warm-up, no gradient clipping (none is stated).
 - The learning rate is a pure function of the step, and so is every random draw (``finetune_data``), so a
   checkpoint needs only the weights, the optimizer state and the step to resume exactly.
@@ -70,6 +73,12 @@ class FinetuneConfig:
         iou_weight: weight of the IoU-head MSE (SAM's training; not in the paper); 0 freezes the IoU head.
         num_points: points per mask for the loss (paper, after Mask2Former: 112 x 112).
         oversample_ratio: Mask2Former: 3. importance_ratio: Mask2Former: 0.75.
+        box_jitter: add SAM's box noise to every box prompt (``boxes``, ``points+boxes``; nothing for
+            ``points``), so the teacher learns the inexact boxes it gets at inference (detector boxes, boxes
+            of stage-1 masks). SAM's training does it (SAM paper, appendix "Training algorithm"); the paper
+            is silent.
+        box_jitter_frac: noise std as a fraction of the box's side (SAM: 10 %).
+        box_jitter_max_px: largest move of a box coordinate, in pixels of SAM's input frame (SAM: 20 px).
         seed: seeds the data order, the prompts, the point sampling and the class module's initialisation.
         train_encoder: also train the image encoder (a small teacher from scratch; nothing is cached).
         checkpoint_every: steps between resumable checkpoints (and one at the end).
@@ -90,6 +99,9 @@ class FinetuneConfig:
     num_points: int = 112 * 112
     oversample_ratio: float = 3.0
     importance_ratio: float = 0.75
+    box_jitter: bool = True  # SAM paper, appendix "Training algorithm": boxes are jittered in training
+    box_jitter_frac: float = 0.1  # SAM: "standard deviation equal to 10% of the box sidelength"
+    box_jitter_max_px: float = 20.0  # SAM: "to a maximum of 20 pixels" (in its 1024-px input frame)
     seed: int = 0
     train_encoder: bool = False
     checkpoint_every: int = 1000
@@ -110,6 +122,11 @@ class FinetuneConfig:
             problems.append("loss weights and weight decay must be >= 0")
         if self.oversample_ratio < 1 or not 0 <= self.importance_ratio <= 1:
             problems.append("need oversample_ratio >= 1 and 0 <= importance_ratio <= 1")
+        if not isinstance(self.box_jitter, bool):
+            problems.append(f"box_jitter must be True or False, got {self.box_jitter!r}")
+        if not (0 <= self.box_jitter_frac < float("inf") and 0 <= self.box_jitter_max_px < float("inf")):
+            problems.append(f"need finite box_jitter_frac >= 0 and box_jitter_max_px >= 0, got "
+                            f"{self.box_jitter_frac}, {self.box_jitter_max_px}")
         if self.seed < 0:
             problems.append(f"seed must be >= 0, got {self.seed}")
         if problems:

@@ -5,14 +5,23 @@ Choices where the paper is silent (Sections 3.1, 3.4, 4.1 give only "prompts fro
 
 - A point prompt is the centre of a pixel drawn uniformly among the mask's pixels — the same convention as
   ``omnilabel split`` uses to simulate point annotations, so training and inference points agree.
-- A box prompt is the mask's tight box in pixel-edge coordinates, without jitter (the user's boxes are the
-  objects' boxes, as ``split`` makes them).
+- A box prompt is the mask's tight box in SAM's convention, inclusive pixel indices (a one-pixel mask at
+  (x, y) gives ``[x, y, x, y]``, as ``segment_anything.utils.amg.batched_mask_to_box``; SAM's prompt
+  encoder adds 0.5 to reach pixel centres), the convention of B_sam, the box of a stage-1 mask that
+  prompts BP-SAM at inference (``omnilabel.teachers.pipeline``).
+- Every box prompt is then jittered as in SAM's own training (SAM paper, appendix "Training algorithm";
+  ``FinetuneConfig.box_jitter``, on by default): in SAM's input frame (after ``ResizeLongestSide``, where
+  SAM's pixel limit was meant), each x coordinate moves by N(0, (0.1·w)²) and each y coordinate by
+  N(0, (0.1·h)²), each move clipped to ±20 px; the box is re-ordered and clipped to the image's extent in
+  that frame (``omnilabel.ops.boxes.jitter_boxes_xyxy``). At inference a box comes from Grounding DINO or
+  a stage-1 mask, never exactly from the GT. Point prompts are not jittered: points are user clicks.
 - BP-SAM (``points+boxes``) draws for each instance one of point, box or both with equal probability.
 - Instances are drawn without replacement in seeded epochs: global batch position ``p`` of step ``s`` is
   instance ``perm_e[(s * B + p) mod N]`` with ``e = (s * B + p) // N`` and ``perm_e`` a permutation
-  seeded by ``(seed, e)``. The prompt of that position, and the points its loss is sampled at, come from
-  generators seeded by ``(seed, s, p)``. So what a run computes depends on the seed and the global batch
-  size only, not on the number of workers, and resuming needs no saved RNG state: the step is the state.
+  seeded by ``(seed, e)``. The prompt of that position (its box jitter drawn from the same generator,
+  after the prompt's own draws), and the points its loss is sampled at, come from generators seeded by
+  ``(seed, s, p)``. So what a run computes depends on the seed and the global batch size only, not on
+  the number of workers, and resuming needs no saved RNG state: the step is the state.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from pycocotools import mask as mask_utils
 from omnilabel.data.coco import resolve_image_path
 from omnilabel.errors import InputError
 from omnilabel.io import save_torch_atomic
-from omnilabel.ops.boxes import masks_to_boxes_xyxy
+from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
 
 PromptMode = Literal["points", "boxes", "points+boxes"]
@@ -169,7 +178,9 @@ def sample_prompt(mask: np.ndarray, mode: PromptMode, rng: np.random.Generator) 
         rng: the generator of this instance at this step.
 
     Returns:
-        ``(point_xy, box_xyxy)``: (2,) and (4,) float64 pixel coordinates, all-NaN where the prompt has none.
+        ``(point_xy, box_xyxy)``: (2,) and (4,) float64 pixel coordinates, all-NaN where the prompt has none;
+        the point a pixel centre, the box the mask's tight box in SAM's convention (inclusive pixel indices),
+        without jitter (that comes in SAM's input frame, ``finetune_run``).
     """
     kind = {"points": 0, "boxes": 1}.get(mode)
     if kind is None:
@@ -181,7 +192,7 @@ def sample_prompt(mask: np.ndarray, mode: PromptMode, rng: np.random.Generator) 
         k = int(rng.integers(len(ys)))
         point = np.array([xs[k] + 0.5, ys[k] + 0.5])
     if kind in (1, 2):
-        box = masks_to_boxes_xyxy(mask[None])[0].astype(np.float64)
+        box = masks_to_prompt_boxes_xyxy(mask[None])[0]
     return point, box
 
 

@@ -28,6 +28,7 @@ import torch
 
 from omnilabel.errors import InputError, JobError
 from omnilabel.io import save_torch_atomic
+from omnilabel.ops.boxes import jitter_boxes_xyxy
 from omnilabel.teachers.finetune import FinetuneConfig, LossMeter, SamTrainable, mask_losses, point_generator
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
@@ -144,6 +145,33 @@ class _Batcher:
             self._images[index] = torch.as_tensor(self.transform.apply_image(rgb)).permute(2, 0, 1).contiguous()
         return self._images[index]
 
+    def _prompt(self, mask: np.ndarray, *, step: int, position: int,
+                original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt of global batch position ``position`` at step ``step``, in SAM's input frame.
+
+        Args:
+            mask: (H, W) bool GT mask at the original size ``original_size`` = (H, W).
+
+        Returns:
+            ``(point_xy (2,), box_xyxy (4,))`` float64, all-NaN where the prompt has none; the box jittered
+            with ``box_jitter`` (``finetune_data``'s choices).
+        """
+        cfg = self.setup.config
+        rng = np.random.default_rng([cfg.seed, step, position])
+        point, box = sample_prompt(mask, cfg.prompts, rng)
+        if np.isfinite(point).all():
+            point = self.transform.apply_coords(point[None], original_size)[0]
+        if np.isfinite(box).all():
+            box = self.transform.apply_boxes(box[None], original_size)[0]
+            if cfg.box_jitter:
+                # the jitter's draws come after the prompt's, from its generator: a pure function of
+                # (seed, step, position) again; bounds: the box of a full mask, in SAM's convention
+                h, w = original_size
+                bounds = self.transform.apply_coords(np.array([[w - 1.0, h - 1.0]]), original_size)[0]
+                box = jitter_boxes_xyxy(box, rng, std_frac=cfg.box_jitter_frac, max_px=cfg.box_jitter_max_px,
+                                        bounds_wh=bounds)
+        return point, box
+
     def __call__(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
         """``(model inputs + "positions" (b,) global batch positions, gt (b, 1, S, S), b)`` of step ``step``."""
         cfg, dev = self.setup.config, self.device
@@ -156,7 +184,6 @@ class _Batcher:
             inst = self.setup.instances[int(idx)]
             im = self.setup.images[inst.image_index]
             mask = decode_mask(inst)
-            point, box = sample_prompt(mask, cfg.prompts, np.random.default_rng([cfg.seed, step, int(pos)]))
             if self.cache is not None:
                 f, input_size, original = self.cache.load(im.image_id)
                 feats.append(f)
@@ -164,10 +191,7 @@ class _Batcher:
                 original = (im.height, im.width)
                 input_size = self.transform.get_preprocess_shape(im.height, im.width, self.image_size)
                 image_of.append(inst.image_index)
-            if np.isfinite(point).all():
-                pts[j] = self.transform.apply_coords(point[None], original)[0]
-            if np.isfinite(box).all():
-                bxs[j] = self.transform.apply_boxes(box[None], original)[0]
+            pts[j], bxs[j] = self._prompt(mask, step=step, position=int(pos), original_size=tuple(original))
             gts.append(mask_in_input_frame(mask, input_size=tuple(input_size), image_size=self.image_size, device=dev))
         inputs: dict[str, Any] = {"features": None, "images": None, "image_index": None}
         if self.cache is not None:

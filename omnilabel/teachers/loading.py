@@ -3,15 +3,18 @@
 A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``; CLIP
 only when a fine-tuned teacher has a class module.
 
-Fine-tuned teachers (``omnilabel finetune-teacher``): ``teacher`` is used for every SAM stage (box-SAM,
-P-SAM, BP-SAM); ``teacher_refine`` replaces it for stage 2 of the points setting, so the paper's pair is
-``teacher = P-SAM, teacher_refine = BP-SAM``. Every teacher decodes from the one image encoder of the job
-(the base SAM's, or the teacher's own when it was trained with ``--train-encoder``), so each image is
-still encoded once; a teacher trained on another encoder is refused.
+Fine-tuned teachers (``omnilabel finetune-teacher``), one per role of the paper: ``teacher`` is used for
+every SAM stage; ``teacher_box`` (box-SAM: boxes and detections), ``teacher_point`` (P-SAM: stage 1 of the
+points setting) and ``teacher_refine`` (BP-SAM: stage 2) replace it for their stage. So the paper's three
+teachers in one mixed run are ``teacher_box = box-SAM, teacher_point = P-SAM, teacher_refine = BP-SAM``.
+Every teacher decodes from the one image encoder of the job (the base SAM's, or that of a teacher trained
+with ``--train-encoder``, which then must be the same for all), so each image is still encoded once; a
+teacher trained on another encoder is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 #: The base SAM when neither ``--sam`` nor a teacher names one (the paper's).
 DEFAULT_SAM = "vit_h"
+#: The teacher roles of ``TeacherSpec``, in the order the base SAM and the encoder are looked up.
+ROLES = ("teacher", "teacher_box", "teacher_point", "teacher_refine")
 
 
 @dataclass(frozen=True)
@@ -34,30 +39,55 @@ class TeacherSpec:
     """Which models to load, as the user named them (registry names or paths; picklable).
 
     Attributes:
-        sam: SAM checkpoint name or path (default ``vit_h``, the paper's).
+        sam: SAM checkpoint name or path; None: the base the teachers were fine-tuned from (recorded in
+            their files), else ``vit_h`` (the paper's).
         detector: GDino name or directory, or ``"none"``.
         device: torch device string.
         box_threshold: GDino confidence for tags/none (paper §4.1: 0.3).
         nms_iou: GDino NMS IoU (paper §4.1: 0.9).
         multimask_single_point: keep the best-IoU of SAM's 3 masks for a lone point (SAM's convention).
         teacher: fine-tuned teacher file for every SAM stage, or None (plain SAM).
+        teacher_box: teacher file for box prompts and detections (box-SAM), or None (``teacher``).
+        teacher_point: teacher file for stage 1 of the points setting (P-SAM), or None (``teacher``).
         teacher_refine: teacher file for stage 2 of the points setting (BP-SAM), or None (``teacher``).
         clip: CLIP name or path for class-aware teachers (default: the one the teacher was trained with).
     """
 
-    sam: str = DEFAULT_SAM
+    sam: str | None = None
     detector: str = "grounding-dino-tiny"
     device: str = "cpu"
     box_threshold: float = 0.3
     nms_iou: float = 0.9
     multimask_single_point: bool = True
     teacher: str | None = None
+    teacher_box: str | None = None
+    teacher_point: str | None = None
     teacher_refine: str | None = None
     clip: str | None = None
 
     @property
     def has_detector(self) -> bool:
         return self.detector.lower() != "none"
+
+    def teacher_files(self) -> dict[str, str]:
+        """Role → teacher file, for the roles given."""
+        return {role: str(getattr(self, role)) for role in ROLES if getattr(self, role) is not None}
+
+    def with_base(self) -> TeacherSpec:
+        """This spec with ``sam`` filled in: as given, else the base recorded in the first teacher file, else
+        ``vit_h``.
+
+        Raises:
+            CheckpointError: a teacher file cannot be read.
+        """
+        if self.sam is not None:
+            return self
+        files = self.teacher_files()
+        if not files:
+            return dataclasses.replace(self, sam=DEFAULT_SAM)
+        from omnilabel.teachers.teacher_ckpt import read_teacher
+
+        return dataclasses.replace(self, sam=read_teacher(next(iter(files.values()))).base_source)
 
 
 def model_id(name_or_path: str) -> str:
@@ -66,28 +96,26 @@ def model_id(name_or_path: str) -> str:
     return p.name if (p.exists() or "/" in name_or_path) else name_or_path
 
 
-def default_sam(teacher: str | None) -> str:
-    """The base SAM to use when ``--sam`` is not given: the one ``teacher`` was fine-tuned from, else vit_h.
-
-    Raises:
-        CheckpointError: the teacher file cannot be read.
-    """
-    if teacher is None:
-        return DEFAULT_SAM
+def _read_files(spec: TeacherSpec) -> dict[str, TeacherFile]:
     from omnilabel.teachers.teacher_ckpt import read_teacher
 
-    return read_teacher(teacher).base_source
+    cache: dict[str, TeacherFile] = {}
+    for path in spec.teacher_files().values():
+        if path not in cache:
+            cache[path] = read_teacher(path)
+    return {role: cache[path] for role, path in spec.teacher_files().items()}
 
 
-def _teacher_files(spec: TeacherSpec) -> dict[str, TeacherFile]:
-    from omnilabel.teachers.teacher_ckpt import read_teacher
-
-    named = (("teacher", spec.teacher), ("teacher_refine", spec.teacher_refine))
-    return {key: read_teacher(path) for key, path in named if path is not None}
+def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
+    """The first teacher (in ``ROLES`` order) that holds its image encoder, if any."""
+    return next((tf for tf in files.values() if tf.encoder_included), None)
 
 
 def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
     """Local paths of every model the job needs, downloading named ones first (before any image is read).
+
+    Keys: ``sam`` (unless a teacher holds the encoder), each role given, ``clip`` (class-aware teachers),
+    ``detector`` (when ``load_detector`` and the spec has one).
 
     Raises:
         CheckpointError: a model is missing and cannot be downloaded (the message says what to do), or a
@@ -95,11 +123,11 @@ def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
     """
     from omnilabel.models.registry import resolve
 
-    files = _teacher_files(spec)
-    paths = {key: tf.path for key, tf in files.items()}
-    main = files.get("teacher")
-    if main is None or not main.encoder_included:
-        paths["sam"] = resolve(spec.sam, kind="sam")
+    spec = spec.with_base()
+    files = _read_files(spec)
+    paths: dict[str, Path] = {role: tf.path for role, tf in files.items()}
+    if _encoder_file(files) is None:
+        paths["sam"] = resolve(str(spec.sam), kind="sam")
     clip_teachers = [tf for tf in files.values() if tf.class_aware]
     if clip_teachers:
         sources = {tf.clip["source"] for tf in clip_teachers if tf.clip}
@@ -121,7 +149,7 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         categories: category id → name of the dataset (class-aware teachers embed these names).
 
     Raises:
-        CheckpointError: a teacher does not fit the loaded SAM or CLIP. InputError: no CUDA for ``cuda``.
+        CheckpointError: a teacher does not fit the job's image encoder or CLIP. InputError: no CUDA for ``cuda``.
     """
     import torch
 
@@ -130,19 +158,25 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
     from omnilabel.teachers.sam import SamTeacher, SamTeacherConfig
     from omnilabel.teachers.teacher_ckpt import build_full_sam, read_teacher, state_dict_sha256
 
+    spec = spec.with_base()
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {spec.device}: no CUDA device is available here; use --device cpu")
     config = SamTeacherConfig(multimask_single_point=spec.multimask_single_point)
-    files = {key: read_teacher(paths[key]) for key in ("teacher", "teacher_refine") if key in paths}
-    main = files.get("teacher")
+    read: dict[Path, TeacherFile] = {}
+    files: dict[str, TeacherFile] = {}
+    for role in (r for r in ROLES if r in paths):
+        if paths[role] not in read:
+            read[paths[role]] = read_teacher(paths[role])
+        files[role] = read[paths[role]]
+    encoder_file = _encoder_file(files)
     ids: dict[str, str] = {}
-    if main is not None and main.encoder_included:
-        encoder_sam = build_full_sam(main, device=spec.device)
-        encoder_sha, encoder_name = main.encoder_sha256, f"teacher {main.path}"
-        ids["sam"] = str(main.meta["base"]["id"])
+    if encoder_file is not None:
+        encoder_sam = build_full_sam(encoder_file, device=spec.device)
+        encoder_sha, encoder_name = encoder_file.encoder_sha256, f"teacher {encoder_file.path}"
+        ids["sam"] = str(encoder_file.meta["base"]["id"])
     else:
         encoder_sam = load_sam(paths["sam"], device=spec.device)
-        ids["sam"] = model_id(spec.sam)
+        ids["sam"] = model_id(str(spec.sam))
         encoder_sha = state_dict_sha256(encoder_sam.image_encoder.state_dict()) if files else ""
         encoder_name = f"--sam {spec.sam}"
     clip = None
@@ -150,22 +184,25 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         clip = _load_clip(paths["clip"], [tf for tf in files.values() if tf.class_aware], spec)
         ids["clip"] = model_id(spec.clip or str(paths["clip"]))
 
-    def make(tf: TeacherFile | None) -> SamTeacher:
-        if tf is None:
-            return SamTeacher(encoder_sam, config=config, device=spec.device)
-        return _teacher(tf, encoder_sam, encoder_sha=encoder_sha, encoder_name=encoder_name, clip=clip,
-                        categories=categories or {}, config=config, device=spec.device)
+    made: dict[Path, SamTeacher] = {}
 
-    sam = make(main)
-    refine = make(files["teacher_refine"]) if "teacher_refine" in files else None
-    for key, tf in files.items():
-        ids[key] = model_id(str(tf.path))
+    def make(tf: TeacherFile) -> SamTeacher:
+        if tf.path not in made:
+            made[tf.path] = _teacher(tf, encoder_sam, encoder_sha=encoder_sha, encoder_name=encoder_name, clip=clip,
+                                     categories=categories or {}, config=config, device=spec.device)
+        return made[tf.path]
+
+    roles = {role: make(tf) for role, tf in files.items()}
+    sam = roles.get("teacher") or SamTeacher(encoder_sam, config=config, device=spec.device)
+    for role, tf in files.items():
+        ids[role] = model_id(str(tf.path))
     detector = None
     if "detector" in paths:
         detector = GDinoTeacher(paths["detector"], device=spec.device,
                                 config=GDinoConfig(box_threshold=spec.box_threshold, nms_iou=spec.nms_iou))
         ids["detector"] = model_id(spec.detector)
-    return Teachers(sam=sam, detector=detector, refine_sam=refine, model_ids=ids)
+    return Teachers(sam=sam, detector=detector, box_sam=roles.get("teacher_box"),
+                    point_sam=roles.get("teacher_point"), refine_sam=roles.get("teacher_refine"), model_ids=ids)
 
 
 def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_name: str, clip: object,

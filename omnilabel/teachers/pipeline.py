@@ -5,26 +5,39 @@ The four settings of the paper (§3.5, §4.1) and their mix, all in one pass per
 - ``boxes``: each GT box (+ class) prompts box-SAM.
 - ``points``: P-SAM from each GT point → the box of its mask (B_sam) → Algorithm 1 merges B_sam with
   GDino boxes (GDino prompted with the image's classes) → BP-SAM with the merged box and the point.
+  ``refine=False`` (``--no-refine``) is the paper's "Point" ablation: P-SAM's stage-1 masks are the output.
 - ``tags``: GDino with only the image's classes → score threshold and NMS → box-SAM; class from GDino.
 - ``none``: GDino with every dataset class → threshold and NMS → box-SAM.
 - ``auto``: each annotation by its own type (the paper's future work); an image with no annotation is
   unlabelled and treated as ``none``.
 
-Annotations with a ``segmentation`` pass through untouched (``source: gt``), and an image that has one is
-fully annotated: no detection runs on it. The image is encoded by SAM once; every SAM stage (P-SAM,
-BP-SAM, box-SAM) decodes from that one embedding, and all prompts of a stage go through the decoder in
-batched calls. GDino runs at most once per image (per chunk of class names), at the lowest threshold any
-consumer needs (τ_c of Algorithm 1); the tags/none consumers then keep detections ≥ ``box_threshold``.
+What each image gets is decided by its ``ImagePlan`` (``omnilabel.data.weak.plan_weak``, made once for the
+whole job): the weak type each annotation is used as and what the detector looks for. Annotations with a
+``segmentation`` pass through untouched (``source: gt``). The image is encoded by SAM once; every SAM stage
+(P-SAM, BP-SAM, box-SAM, each possibly its own fine-tuned teacher) decodes from that one embedding, and all
+prompts of a stage go through the decoder in batched calls. GDino runs at most once per image (per chunk of
+class names), at the lowest threshold any consumer needs (τ_c of Algorithm 1); the tags/none consumers then
+keep detections ≥ ``box_threshold``.
 
 Choices where the paper is silent:
 - A pseudomask's ``score`` is SAM's predicted IoU (clipped to [0, 1]), times the detector's confidence
   when a detection made the prompt (tags, none). For points, a human click anchors the instance, so the
   score is SAM's alone even when the GDino box was used.
-- A stage-1 mask that is empty gives B_sam = a 2-px box around the point.
+- B_sam, the box of a stage-1 mask, is in SAM's own convention (``segment_anything.utils.amg``'s
+  ``batched_mask_to_box``: inclusive pixel indices, since SAM's prompt encoder moves coordinates to pixel
+  centres). A stage-1 mask that is empty gives B_sam = a 2-px box around the point.
+- One object, one annotation: a tag detection whose mask covers an object already annotated on the same
+  image — a GT mask, or the pseudomask of a point or box, of the same class, at mask IoU ≥ ``dedup_iou``
+  (0.5) — is dropped and counted (``duplicate``). This happens under ``auto``, where an image may carry
+  tags beside masks, points or boxes.
+- Crowd annotations (``iscrowd: 1``) stay crowd regions: their pseudomasks keep ``iscrowd: 1`` (pycocotools
+  and the student then ignore them), and crowd points take no part in Algorithm 1's matching (their stage-2
+  box is B_sam). A crowd tag only says that its class is present: its detections are ordinary instances.
 - Masks with fewer than ``min_mask_area_px`` pixels are dropped from the output and counted.
-- Each pseudomask records the prompts that made its final mask in ``omnilabel.prompt`` (COCO conventions,
-  pixels): ``{"bbox": [x, y, w, h]}`` for boxes and detections, ``{"point": [x, y], "bbox": [...]}`` for
-  points (the click and the merged box of stage 2), so ``omnilabel visualize`` can draw them.
+- Each pseudomask records the prompts that made its final mask in ``omnilabel.prompt``, as given to SAM (in
+  pixels, a box as ``[x0, y0, x1 - x0, y1 - y0]``): ``{"bbox": [...]}`` for boxes and detections,
+  ``{"point": [x, y], "bbox": [...]}`` for points (the click and the merged box of stage 2; the click alone
+  without refinement), so ``omnilabel visualize`` can draw them.
 """
 
 from __future__ import annotations
@@ -34,22 +47,21 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omnilabel.data.weak import WeakType, weak_type_of
+from omnilabel.data.weak import ImagePlan, WeakMode, WeakType, plan_image
 from omnilabel.errors import InputError
 from omnilabel.instances import NO_WEAK_ID, Instances
-from omnilabel.ops.boxes import masks_to_boxes_xyxy
+from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
+from omnilabel.ops.masks import covered_by_same_class, masks_to_rle, segmentation_to_rle
 from omnilabel.ops.refine import refine_prompts
 
 if TYPE_CHECKING:
     from omnilabel.teachers.gdino import GDinoTeacher
     from omnilabel.teachers.sam import ImageEmbedding, SamTeacher
 
-WeakMode = Literal["none", "tags", "points", "boxes", "auto"]
-WEAK_MODES: tuple[str, ...] = ("none", "tags", "points", "boxes", "auto")
 #: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
 SCORE_DECIMALS = 6
 #: Prompt coordinates (``omnilabel.prompt``) are written in pixels with 2 decimals.
@@ -67,35 +79,47 @@ class PipelineConfig:
         beta: Algorithm 1 weight of the detection confidence (paper: β = 2).
         tau_c: Algorithm 1 lowest usable detection confidence (paper: τc = 0.1).
         min_mask_area_px: smaller pseudomasks are dropped (1: only empty masks).
+        refine: run Algorithm 1 and stage 2 for points; False is the paper's "Point" ablation (Table 5).
+        dedup_iou: a tag detection whose mask has at least this IoU with an annotated object of its class on
+            the same image is dropped (one object, one annotation; 0.5, COCO's loosest match).
     """
 
-    weak: WeakMode = "auto"
+    weak: WeakMode = WeakMode.AUTO
     box_threshold: float = 0.3
     alpha: float = 5.0
     beta: float = 2.0
     tau_c: float = 0.1
     min_mask_area_px: int = 1
+    refine: bool = True
+    dedup_iou: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.weak not in WEAK_MODES:
-            raise InputError(f"--weak must be one of {', '.join(WEAK_MODES)}, got {self.weak!r}")
+        try:
+            object.__setattr__(self, "weak", WeakMode(self.weak))
+        except ValueError:
+            raise InputError(f"--weak must be one of {', '.join(m.value for m in WeakMode)}, "
+                             f"got {self.weak!r}") from None
+        if not 0.0 < self.dedup_iou <= 1.0:
+            raise InputError(f"dedup_iou must be in (0, 1], got {self.dedup_iou}")
 
 
 @dataclass
 class Teachers:
-    """The models of one job. ``point_sam`` (P-SAM) and ``refine_sam`` (BP-SAM) default to ``sam``
-    (box-SAM, also the encoder): fine-tuned decoders share the frozen encoder's embedding.
+    """The models of one job. Every SAM decodes from the one image encoder of ``sam``; a role without its
+    own teacher (``box_sam``, ``point_sam``, ``refine_sam``) uses ``sam``.
 
     Attributes:
-        sam: the SAM that encodes every image and decodes box prompts.
-        detector: GDino, or None (points then use B_sam alone; tags/none are refused).
-        point_sam: stage-1 decoder of the points setting.
-        refine_sam: stage-2 decoder of the points setting.
+        sam: the SAM that encodes every image (and decodes for the roles without a teacher of their own).
+        detector: GDino, or None (points then use B_sam alone; tags/none images are left out).
+        box_sam: decoder of box prompts and detections (box-SAM).
+        point_sam: stage-1 decoder of the points setting (P-SAM).
+        refine_sam: stage-2 decoder of the points setting (BP-SAM).
         model_ids: names recorded in each pseudomask's ``omnilabel.teacher``.
     """
 
     sam: SamTeacher
     detector: GDinoTeacher | None = None
+    box_sam: SamTeacher | None = None
     point_sam: SamTeacher | None = None
     refine_sam: SamTeacher | None = None
     model_ids: dict[str, str] = field(default_factory=dict)
@@ -107,7 +131,8 @@ class ImageResult:
 
     Attributes:
         annotations: output COCO annotations without ``id`` (assigned at merge), in a fixed order.
-        counts: pseudomasks written per weak type, plus ``"gt"`` passed through and ``"empty"`` dropped.
+        counts: pseudomasks written per weak type, plus ``"gt"`` passed through, ``"empty"`` masks and
+            ``"duplicate"`` detections dropped.
         seconds: wall time per stage (encode, detect, decode, refine, encode_rle).
     """
 
@@ -116,61 +141,17 @@ class ImageResult:
     seconds: Counter = field(default_factory=Counter)
 
 
-def effective_weak_type(ann: Mapping[str, Any], mode: WeakMode) -> WeakType:
-    """The weak type an annotation is used as under ``mode`` (``FULL`` always passes through)."""
-    kind = weak_type_of(dict(ann))
-    if kind is WeakType.FULL or mode == "auto":
-        return kind
-    if mode in ("tags", "none"):
-        return WeakType.TAG
-    return kind
+@dataclass
+class _Part:
+    """Pseudomasks of one kind, before filtering: instances and one metadata dict each."""
+
+    inst: Instances
+    extras: list[dict[str, Any]]
+    crowd: np.ndarray
 
 
-def check_mode(data: Mapping[str, Any], mode: WeakMode, *, source: str, has_detector: bool,
-               max_problems: int = 20) -> None:
-    """Check before any model loads that every annotation fits ``mode`` and that needed models exist.
-
-    Raises:
-        InputError: an annotation lacks the geometry ``mode`` needs (named by file, id and field), or the
-            setting needs a detector and there is none.
-    """
-    problems = []
-    for ann in data["annotations"]:
-        kind = effective_weak_type(ann, mode)
-        if mode in ("points", "boxes") and kind not in (WeakType.FULL, WeakType(mode)):
-            field_name = "point" if mode == "points" else "bbox"
-            problems.append(f"{source}: annotation id={ann['id']}: {field_name}: --weak {mode} needs a {field_name} "
-                            f"on every annotation without a segmentation (this one is {kind.value}); "
-                            "use --weak auto for mixed files")
-    if problems:
-        shown = problems[:max_problems] + ([f"... and {len(problems) - max_problems} more"]
-                                           if len(problems) > max_problems else [])
-        raise InputError(f"{source}: {len(problems)} annotation(s) do not fit --weak {mode}", shown)
-    if has_detector or mode in ("points", "boxes"):
-        return
-    # Without a detector, `auto` leaves out the images that need one; it is refused only if that is all of them.
-    needing = images_needing_detector(data, mode)
-    if mode in ("tags", "none") or (needing and needing == {int(im["id"]) for im in data["images"]}):
-        raise InputError(f"--weak {mode}: this file has image-level tags or unlabelled images, which need a "
-                         "detector; drop `--detector none` (or use --weak points/boxes)")
-
-
-def images_needing_detector(data: Mapping[str, Any], mode: WeakMode) -> set[int]:
-    """Ids of the images that only a detector can label under ``mode``.
-
-    Under ``tags``/``none`` that is every image without a full mask; under ``auto``, every image with an
-    image-level tag or with no annotation at all (with ``--detector none`` such images are left out of the
-    output whole, since their other labels alone would teach a student that the tagged objects are
-    background). ``points`` and ``boxes`` need none.
-    """
-    if mode in ("points", "boxes"):
-        return set()
-    kinds: dict[int, set[WeakType]] = {int(im["id"]): set() for im in data["images"]}
-    for ann in data["annotations"]:
-        kinds.setdefault(int(ann["image_id"]), set()).add(effective_weak_type(ann, mode))
-    if mode in ("tags", "none"):
-        return {i for i, k in kinds.items() if WeakType.FULL not in k}
-    return {i for i, k in kinds.items() if not k or WeakType.TAG in k}
+def _crowd(anns: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    return np.array([int(a.get("iscrowd") or 0) == 1 for a in anns], dtype=bool)
 
 
 class PseudomaskPipeline:
@@ -188,40 +169,58 @@ class PseudomaskPipeline:
         self.categories = dict(categories)
         self.config = config or PipelineConfig()
 
-    def label_image(self, image_rgb: np.ndarray, annotations: Sequence[Mapping[str, Any]]) -> ImageResult:
+    def plan(self, annotations: Sequence[Mapping[str, Any]]) -> ImagePlan:
+        """The plan of one image on its own (a job plans every image once, with ``plan_weak``).
+
+        Raises:
+            InputError: an annotation does not fit the mode.
+        """
+        plan, problems = plan_image([dict(a) for a in annotations], self.config.weak,
+                                    has_detector=self.teachers.detector is not None)
+        if problems:
+            raise InputError(f"{len(problems)} annotation(s) do not fit --weak {self.config.weak.value}", problems)
+        return plan
+
+    def label_image(self, image_rgb: np.ndarray, annotations: Sequence[Mapping[str, Any]],
+                    plan: ImagePlan | None = None) -> ImageResult:
         """Pseudomasks of one image.
 
         Args:
             image_rgb: (H, W, 3) uint8.
-            annotations: this image's validated input annotations.
+            annotations: this image's validated input annotations, in file order.
+            plan: its plan (default: ``self.plan(annotations)``).
 
         Returns:
             ``ImageResult``: GT annotations first (input order), then pseudomasks from points, boxes,
             then detections, each in input (or score) order.
         """
         cfg = self.config
+        plan = plan if plan is not None else self.plan(annotations)
+        if len(plan.kinds) != len(annotations):
+            raise InputError(f"image id={plan.image_id}: its plan has {len(plan.kinds)} annotations, "
+                             f"the image {len(annotations)}")
         h, w = image_rgb.shape[:2]
         result = ImageResult(annotations=[])
         by_kind: dict[WeakType, list[Mapping[str, Any]]] = {k: [] for k in WeakType}
-        for ann in annotations:
-            by_kind[effective_weak_type(ann, cfg.weak)].append(ann)
+        for ann, kind in zip(annotations, plan.kinds, strict=True):
+            by_kind[kind].append(ann)
         for ann in by_kind[WeakType.FULL]:
             result.annotations.append(_passthrough(ann))
         result.counts["gt"] += len(by_kind[WeakType.FULL])
-        fully_annotated = bool(by_kind[WeakType.FULL])
 
         points = Instances.from_coco(list(by_kind[WeakType.POINT]), (h, w))
+        points_crowd = _crowd(by_kind[WeakType.POINT])
         boxes = Instances.from_coco(list(by_kind[WeakType.BOX]), (h, w))
-        tag_classes = sorted({int(a["category_id"]) for a in by_kind[WeakType.TAG]})
-        if cfg.weak == "none" or (cfg.weak == "auto" and not annotations):
-            tag_classes = [] if fully_annotated else sorted(self.categories)
-        if cfg.weak in ("tags", "none") and fully_annotated:
-            tag_classes = []
+        tag_classes: list[int] = []
+        if plan.detect is WeakType.TAG:
+            tag_classes = sorted({int(a["category_id"]) for a in by_kind[WeakType.TAG]})
+        elif plan.detect is WeakType.NONE:
+            tag_classes = sorted(self.categories)
 
         detector = self.teachers.detector
         det_classes = set(tag_classes)
-        if detector is not None and len(points):
-            det_classes |= {int(c) for c in points.category_ids}
+        if detector is not None and cfg.refine and len(points):
+            det_classes |= {int(c) for c in points.category_ids[~points_crowd]}
         detections = Instances.empty((h, w))
         if det_classes and detector is not None:
             t0 = time.perf_counter()
@@ -239,36 +238,25 @@ class PseudomaskPipeline:
         emb = self.teachers.sam.encode(image_rgb)
         result.seconds["encode"] += time.perf_counter() - t0
 
-        parts: list[tuple[Instances, str, list[dict[str, Any]]]] = []
+        parts: list[_Part] = []
         if len(points):
-            parts.append(self._points(emb, points, detections, result))
+            parts.append(self._points(emb, points, points_crowd, detections, result))
         box_prompts = Instances.cat([boxes, tag_dets])
         if len(box_prompts):
-            t0 = time.perf_counter()
-            out = self.teachers.sam.predict(emb, boxes_xyxy=box_prompts.boxes_xyxy,
-                                            prompt_data={"category_ids": box_prompts.category_ids})
-            result.seconds["decode"] += time.perf_counter() - t0
-            scores = np.clip(out.iou_scores.astype(np.float64), 0, 1)
-            n_box = len(boxes)
-            scores[n_box:] *= box_prompts.scores[n_box:]
-            inst = Instances((h, w), masks=out.masks, scores=scores, category_ids=box_prompts.category_ids,
-                             weak_ids=box_prompts.weak_ids)
-            kinds = [WeakType.BOX.value] * n_box + [("none" if cfg.weak == "none" or not annotations else "tags")] * (
-                len(box_prompts) - n_box)
-            extras = [{"weak": k, "prompt": {"bbox": _xywh(b)}} for k, b in zip(kinds, box_prompts.boxes_xyxy,
-                                                                                 strict=True)]
-            for i in range(n_box, len(box_prompts)):
-                extras[i]["detector_score"] = round(float(box_prompts.scores[i]), SCORE_DECIMALS)
-            parts.append((inst, "box", extras))
+            parts += self._boxes(emb, box_prompts, len(boxes), _crowd(by_kind[WeakType.BOX]), plan, result)
+        if len(tag_dets) and len(parts) > 0:
+            self._drop_duplicates(parts, by_kind[WeakType.FULL], result)
 
         t0 = time.perf_counter()
-        for inst, _, extras in parts:
+        for part in parts:
+            inst = part.inst
             areas = inst.masks_bool().reshape(len(inst), -1).sum(axis=1)
             keep = areas >= cfg.min_mask_area_px
             result.counts["empty"] += int((~keep).sum())
             kept = inst[keep]
-            meta = [self._meta(e, int(wid)) for e, wid, k in zip(extras, inst.weak_ids, keep, strict=True) if k]
-            for ann in kept.to_coco(image_id=0, extra=[{"omnilabel": m} for m in meta]):
+            more = [{"omnilabel": self._meta(e, int(wid))} | ({"iscrowd": 1} if crowd else {})
+                    for e, wid, crowd, k in zip(part.extras, inst.weak_ids, part.crowd, keep, strict=True) if k]
+            for ann in kept.to_coco(image_id=0, extra=more):
                 ann.pop("id")
                 ann.pop("image_id")
                 ann["score"] = round(ann["score"], SCORE_DECIMALS)
@@ -277,30 +265,81 @@ class PseudomaskPipeline:
         result.seconds["encode_rle"] += time.perf_counter() - t0
         return result
 
-    def _points(self, emb: ImageEmbedding, points: Instances, detections: Instances,
-                result: ImageResult) -> tuple[Instances, str, list[dict[str, Any]]]:
-        """Stage 1 (P-SAM) → Algorithm 1 → stage 2 (BP-SAM), all on one embedding."""
+    def _boxes(self, emb: ImageEmbedding, prompts: Instances, n_box: int, box_crowd: np.ndarray, plan: ImagePlan,
+               result: ImageResult) -> list[_Part]:
+        """Box-SAM on the weak boxes and the tag detections, in one batched call; one part each."""
+        box_sam = self.teachers.box_sam or self.teachers.sam
+        t0 = time.perf_counter()
+        out = box_sam.predict(emb, boxes_xyxy=prompts.boxes_xyxy, prompt_data={"category_ids": prompts.category_ids})
+        result.seconds["decode"] += time.perf_counter() - t0
+        scores = np.clip(out.iou_scores.astype(np.float64), 0, 1)
+        scores[n_box:] *= prompts.scores[n_box:]
+        inst = Instances(prompts.image_size, masks=out.masks, scores=scores, category_ids=prompts.category_ids,
+                         weak_ids=prompts.weak_ids)
+        det_kind = plan.detect.value if plan.detect is not None else WeakType.TAG.value
+        extras = [{"weak": WeakType.BOX.value if i < n_box else det_kind, "prompt": {"bbox": _xywh(b)}}
+                  for i, b in enumerate(prompts.boxes_xyxy)]
+        for i in range(n_box, len(prompts)):
+            extras[i]["detector_score"] = round(float(prompts.scores[i]), SCORE_DECIMALS)
+        parts = []
+        if n_box:
+            parts.append(_Part(inst[:n_box], extras[:n_box], box_crowd))
+        if len(prompts) > n_box:
+            parts.append(_Part(inst[n_box:], extras[n_box:], np.zeros(len(prompts) - n_box, dtype=bool)))
+        return parts
+
+    def _drop_duplicates(self, parts: list[_Part], gt_anns: Sequence[Mapping[str, Any]], result: ImageResult) -> None:
+        """One object, one annotation: drop the detections (the last part) that repeat an annotated object."""
+        dets = parts[-1]
+        if not dets.extras or dets.extras[0]["weak"] not in (WeakType.TAG.value, WeakType.NONE.value):
+            return
+        h, w = dets.inst.image_size
+        refs = [segmentation_to_rle(a["segmentation"], h, w) for a in gt_anns]
+        ref_classes = [int(a["category_id"]) for a in gt_anns]
+        for part in parts[:-1]:
+            refs += masks_to_rle(part.inst.masks_bool())
+            ref_classes += [int(c) for c in part.inst.category_ids]
+        if not refs:
+            return
+        dup = covered_by_same_class(masks_to_rle(dets.inst.masks_bool()), dets.inst.category_ids, refs,
+                                    np.asarray(ref_classes, dtype=np.int64), iou_thresh=self.config.dedup_iou)
+        if dup.any():
+            result.counts["duplicate"] += int(dup.sum())
+            keep = ~dup
+            parts[-1] = _Part(dets.inst[keep], [e for e, k in zip(dets.extras, keep, strict=True) if k],
+                              dets.crowd[keep])
+
+    def _points(self, emb: ImageEmbedding, points: Instances, crowd: np.ndarray, detections: Instances,
+                result: ImageResult) -> _Part:
+        """Stage 1 (P-SAM) → Algorithm 1 → stage 2 (BP-SAM), all on one embedding; stage 1 alone without
+        refinement."""
         cfg = self.config
         point_sam = self.teachers.point_sam or self.teachers.sam
         refine_sam = self.teachers.refine_sam or self.teachers.sam
         prompt_data = {"category_ids": points.category_ids}
+        px = points.points_xy
         t0 = time.perf_counter()
-        stage1 = point_sam.predict(emb, points_xy=points.points_xy, prompt_data=prompt_data)
+        stage1 = point_sam.predict(emb, points_xy=px, prompt_data=prompt_data)
         result.seconds["decode"] += time.perf_counter() - t0
+        if not cfg.refine:
+            inst = Instances(points.image_size, masks=stage1.masks,
+                             scores=np.clip(stage1.iou_scores.astype(np.float64), 0, 1),
+                             category_ids=points.category_ids, weak_ids=points.weak_ids)
+            extras = [{"weak": WeakType.POINT.value, "prompt": {"point": _rounded(p)}} for p in px]
+            return _Part(inst, extras, crowd)
 
         t0 = time.perf_counter()
-        boxes_sam = masks_to_boxes_xyxy(stage1.masks)
+        boxes_sam = masks_to_prompt_boxes_xyxy(stage1.masks)
         empty = ~stage1.masks.reshape(len(points), -1).any(axis=1)
-        px = points.points_xy
         boxes_sam[empty] = np.stack([px[empty, 0] - 1, px[empty, 1] - 1, px[empty, 0] + 1, px[empty, 1] + 1], axis=1)
-        if self.teachers.detector is not None:
+        merged, from_dino = boxes_sam.copy(), np.zeros(len(points), dtype=bool)
+        matched = ~crowd  # crowd points take no part in the matching: their box is B_sam
+        if self.teachers.detector is not None and matched.any():
             refined = refine_prompts(boxes_dino_xyxy=detections.boxes_xyxy, scores_dino=detections.scores,
-                                     labels_dino=detections.category_ids, points_gt_xy=px,
-                                     boxes_sam_xyxy=boxes_sam, labels_gt=points.category_ids,
+                                     labels_dino=detections.category_ids, points_gt_xy=px[matched],
+                                     boxes_sam_xyxy=boxes_sam[matched], labels_gt=points.category_ids[matched],
                                      alpha=cfg.alpha, beta=cfg.beta, tau_c=cfg.tau_c)
-            merged, from_dino = refined.boxes_merged_xyxy, refined.from_dino
-        else:
-            merged, from_dino = boxes_sam, np.zeros(len(points), dtype=bool)
+            merged[matched], from_dino[matched] = refined.boxes_merged_xyxy, refined.from_dino
         result.seconds["refine"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -310,9 +349,9 @@ class PseudomaskPipeline:
                          scores=np.clip(stage2.iou_scores.astype(np.float64), 0, 1),
                          category_ids=points.category_ids, weak_ids=points.weak_ids)
         extras = [{"weak": WeakType.POINT.value, "prompt_box": "gdino" if d else "sam",
-                   "prompt": {"point": [round(float(v), PROMPT_DECIMALS) for v in p], "bbox": _xywh(b)}}
+                   "prompt": {"point": _rounded(p), "bbox": _xywh(b)}}
                   for d, p, b in zip(from_dino, px, merged, strict=True)]
-        return inst, "point", extras
+        return _Part(inst, extras, crowd)
 
     def _meta(self, extra: dict[str, Any], weak_id: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"source": "pseudo", "weak": extra["weak"],
@@ -320,6 +359,10 @@ class PseudomaskPipeline:
                                 "teacher": dict(self.teachers.model_ids)}
         meta.update({k: v for k, v in extra.items() if k != "weak"})
         return meta
+
+
+def _rounded(point_xy: np.ndarray) -> list[float]:
+    return [round(float(v), PROMPT_DECIMALS) for v in point_xy]
 
 
 def _xywh(box_xyxy: np.ndarray) -> list[float]:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,7 @@ from omnilabel.models.registry import (
     download,
     is_cached,
     list_weights,
+    offline,
     resolve,
     weight_path,
 )
@@ -68,6 +71,12 @@ def test_registry_lists_the_official_weights():
     assert tiny.kind == "gdino" and len(tiny.files) == 7
     assert tiny.files[1].url == "https://huggingface.co/IDEA-Research/grounding-dino-tiny/resolve/main/model.safetensors"
     assert names["clip-vit-b-32"].architecture == "ViT-B-32"
+    resnets = [s for s in names.values() if s.kind == "resnet"]
+    assert [s.name for s in resnets] == ["resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152"]
+    for spec in resnets:
+        assert spec.license == "Apache-2.0" and spec.architecture == f"microsoft/{spec.name}"
+        hf = f"https://huggingface.co/microsoft/{spec.name}/resolve/main/"
+        assert [wf.url for wf in spec.files] == [hf + "config.json", hf + "model.safetensors"]
     for spec in names.values():
         for wf in spec.files:
             assert wf.sha256 is None or len(wf.sha256) == 64
@@ -83,6 +92,7 @@ def test_weight_path_is_a_file_for_sam_and_a_directory_for_gdino(tmp_path):
     assert weight_path("vit_b") == tmp_path / "cache" / "vit_b" / "sam_vit_b_01ec64.pth"
     assert weight_path("clip-vit-b-32") == tmp_path / "cache" / "clip-vit-b-32" / "open_clip_pytorch_model.bin"
     assert weight_path("grounding-dino-base") == tmp_path / "cache" / "grounding-dino-base"
+    assert weight_path("resnet-50") == tmp_path / "cache" / "resnet-50"
     with pytest.raises(CheckpointError, match="vit_b"):
         weight_path("vit_x")
 
@@ -94,7 +104,7 @@ def test_download_from_a_file_url_verifies_sha256(tmp_path, monkeypatch, local_u
                       "test", "MIT")
     _register(monkeypatch, spec)
     assert not is_cached("tiny-sam")
-    path = download("tiny-sam", progress=False)
+    path = download("tiny-sam")
     assert path == tmp_path / "cache" / "tiny-sam" / "ckpt.pth"
     assert path.read_bytes() == content
     assert is_cached("tiny-sam")
@@ -102,11 +112,45 @@ def test_download_from_a_file_url_verifies_sha256(tmp_path, monkeypatch, local_u
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]  # no temporary file left
 
 
-def test_download_with_progress_bar(tmp_path, monkeypatch, local_urlopen):
+def test_download_reports_progress_as_events(tmp_path, monkeypatch, local_urlopen):
     content = b"x" * 5000
     url = _serve(tmp_path, "c.bin", content)
     _register(monkeypatch, WeightSpec("tiny-clip", "clip", (WeightFile("c.bin", url, None, 5000),), "t", "MIT"))
-    assert download("tiny-clip", progress=True).read_bytes() == content
+    events: list[dict] = []
+    assert download("tiny-clip", on_event=events.append).read_bytes() == content
+    assert events[0] == {"event": "download", "file": "c.bin", "done": 0, "total": 5000}
+    assert events[-1] == {"event": "download", "file": "c.bin", "done": 5000, "total": 5000}
+    assert len(events) == 2  # less than 1 MiB: the start and the end only
+    events.clear()
+    assert resolve("tiny-clip", kind="clip", on_event=events.append).read_bytes() == content
+    assert events == []  # cached: nothing downloaded
+
+
+def test_download_events_come_at_most_once_per_mib(tmp_path, monkeypatch, local_urlopen):
+    mib = 1 << 20
+    content = bytes(range(256)) * (mib * 5 // 2 // 256)  # 2.5 MiB
+    url = _serve(tmp_path, "big.bin", content)
+    files = (WeightFile("config.json", _serve(tmp_path, "config.json", b"{}")), WeightFile("big.bin", url))
+    _register(monkeypatch, WeightSpec("tiny-dir", "gdino", files, "t", "MIT"))
+    events: list[dict] = []
+    path = resolve("tiny-dir", kind="gdino", on_event=events.append)
+    assert (path / "big.bin").read_bytes() == content
+    assert {e["event"] for e in events} == {"download"}
+    big = [e["done"] for e in events if e["file"] == "big.bin"]
+    assert big[0] == 0 and big[-1] == len(content) and big == sorted(big)
+    gaps = [b - a for a, b in zip(big, big[1:], strict=False)]
+    assert len(gaps) >= 2 and all(gap >= mib for gap in gaps[:-1])  # only the final event may come sooner
+    assert [e["done"] for e in events if e["file"] == "config.json"] == [0, 2]
+
+
+def test_registry_draws_nothing():
+    """Progress goes to the caller's callback; the registry itself never imports rich."""
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "omnilabel.events" in imported and not any(m.split(".")[0] == "rich" for m in imported)
+    assert "progress" not in inspect.signature(download).parameters
+    assert "on_event" in inspect.signature(resolve).parameters
 
 
 def test_sha256_mismatch_deletes_the_file(tmp_path, monkeypatch, local_urlopen):
@@ -114,7 +158,7 @@ def test_sha256_mismatch_deletes_the_file(tmp_path, monkeypatch, local_urlopen):
     spec = WeightSpec("bad", "sam", (WeightFile("ckpt.pth", url, "0" * 64),), "test", "MIT")
     _register(monkeypatch, spec)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
-        download("bad", progress=False)
+        download("bad")
     folder = tmp_path / "cache" / "bad"
     assert not any(folder.iterdir())
     assert not is_cached("bad")
@@ -124,19 +168,19 @@ def test_size_is_checked_when_no_sha256_is_known(tmp_path, monkeypatch, local_ur
     url = _serve(tmp_path, "c.bin", b"12345")
     _register(monkeypatch, WeightSpec("sized", "clip", (WeightFile("c.bin", url, None, 6),), "t", "MIT"))
     with pytest.raises(CheckpointError, match="size mismatch"):
-        download("sized", progress=False)
+        download("sized")
     assert not is_cached("sized")
 
 
 def test_multi_file_download_fills_a_directory_and_skips_cached_files(tmp_path, monkeypatch, local_urlopen):
     files = tuple(WeightFile(n, _serve(tmp_path, n, n.encode())) for n in ("config.json", "model.safetensors"))
     _register(monkeypatch, WeightSpec("tiny-gdino", "gdino", files, "t", "Apache-2.0"))
-    path = download("tiny-gdino", progress=False)
+    path = download("tiny-gdino")
     assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     (tmp_path / "remote" / "config.json").unlink()  # a second call must not touch the network
-    assert download("tiny-gdino", progress=False) == path
+    assert download("tiny-gdino") == path
     with pytest.raises(CheckpointError, match="config.json"):
-        download("tiny-gdino", progress=False, force=True)
+        download("tiny-gdino", force=True)
 
 
 def test_network_failure_names_the_file_the_path_and_the_command(tmp_path):
@@ -150,6 +194,13 @@ def test_network_failure_names_the_file_the_path_and_the_command(tmp_path):
     assert not (tmp_path / "cache" / "vit_b" / "sam_vit_b_01ec64.pth").exists()
 
 
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), (" Yes ", True), ("on", True),
+                                               ("0", False), ("", False), ("no", False)])
+def test_offline_reads_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("OMNILABEL_OFFLINE", value)
+    assert offline() is expected
+
+
 def test_offline_forbids_downloads(tmp_path, monkeypatch, local_urlopen):
     monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
     url = _serve(tmp_path, "ckpt.pth", b"w")
@@ -161,7 +212,7 @@ def test_offline_forbids_downloads(tmp_path, monkeypatch, local_urlopen):
     assert str(tmp_path / "cache" / "local" / "ckpt.pth") in msg
     assert "omnilabel weights download local" in msg
     with pytest.raises(CheckpointError, match="OMNILABEL_OFFLINE"):
-        download("local", progress=False)
+        download("local")
 
 
 def test_gdino_offline_error_lists_every_missing_file(tmp_path, monkeypatch):
@@ -212,3 +263,17 @@ def test_is_cached_needs_every_file(tmp_path):
     (folder / REGISTRY["grounding-dino-base"].files[-1].filename).write_bytes(b"")
     assert registry.is_cached("grounding-dino-base")
     assert resolve("grounding-dino-base", kind="gdino") == folder
+
+
+def test_resnet_offline_error_names_the_files_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as info:
+        resolve("resnet-50", kind="resnet")
+    msg = str(info.value)
+    folder = tmp_path / "cache" / "resnet-50"
+    assert str(folder / "config.json") in msg and str(folder / "model.safetensors") in msg
+    assert "https://huggingface.co/microsoft/resnet-50/resolve/main/config.json" in msg
+    assert "OMNILABEL_OFFLINE" in msg and "omnilabel weights download resnet-50" in msg
+    assert not folder.exists()
+    with pytest.raises(CheckpointError, match="resnet-18, resnet-34, resnet-50, resnet-101, resnet-152"):
+        resolve("resnet-77", kind="resnet")

@@ -14,7 +14,9 @@ from omnilabel.students.data import (
     EpochBatchSampler,
     TrainDataset,
     collate,
+    eval_padded_hw,
     eval_resize,
+    eval_size_hw,
     lsj,
     normalize,
     training_samples,
@@ -113,6 +115,39 @@ def test_eval_resize_pads_bottom_right():
     out, inner = eval_resize(image, image_size=64)
     assert inner == (32, 64) and out.shape == (3, 64, 64)
     assert out[:, 32:].abs().max() == 0 and out[:, :32].min() > 0
+
+
+# (height, width) -> resized (h, w) under ResizeShortestEdge(800, max_size=1333), as detectron2 computes it
+@pytest.mark.parametrize(("size_hw", "expected_hw"), [
+    ((480, 640), (800, 1067)),   # shorter side to 800
+    ((640, 480), (1067, 800)),
+    ((427, 640), (800, 1199)),
+    ((500, 2000), (333, 1333)),  # 800 x 3200 would pass 1333: the longer side is capped instead
+    ((2000, 500), (1333, 333)),
+    ((800, 800), (800, 800)),
+    ((1200, 1600), (800, 1067)),  # larger images are scaled down
+    ((3, 5000), (1, 1333)),       # never below one pixel
+])
+def test_eval_size_is_mask2formers_coco_test_size(size_hw, expected_hw):
+    assert eval_size_hw(*size_hw, image_size=1024, min_size=800, max_size=1333) == expected_hw
+
+
+@pytest.mark.parametrize(("size_hw", "expected_hw"), [
+    ((50, 100), (32, 64)), ((100, 50), (64, 32)), ((64, 64), (64, 64)), ((1, 300), (1, 64))])
+def test_eval_size_without_min_size_is_the_longer_side_to_image_size(size_hw, expected_hw):
+    assert eval_size_hw(*size_hw, image_size=64) == expected_hw
+    assert eval_size_hw(*size_hw, image_size=64, max_size=20) == expected_hw  # max_size needs min_size
+    assert eval_padded_hw(expected_hw, image_size=64) == (64, 64)
+
+
+def test_eval_resize_pads_to_multiples_of_32():
+    image = normalize(np.full((480, 640, 3), 200, np.uint8))
+    out, inner = eval_resize(image, image_size=1024, min_size=800, max_size=1333)
+    assert inner == (800, 1067) and out.shape == (3, 800, 1088)
+    assert out[:, :, 1067:].abs().max() == 0 and out[:, :, :1067].min() > 0
+    out, inner = eval_resize(normalize(np.full((50, 70, 3), 9, np.uint8)), image_size=64, min_size=64, max_size=80)
+    assert inner == (57, 80) and out.shape == (3, 64, 96)
+    assert out[:, 57:].abs().max() == 0 and out[:, :, 80:].abs().max() == 0 and out[:, :57, :80].max() < 0
 
 
 def test_epoch_batches_split_across_workers_and_resume():

@@ -10,6 +10,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from omnilabel.errors import CheckpointError, InputError
 from omnilabel.students.mask2former import (
+    BACKBONES,
     PRESETS,
     STAGES,
     backbone_of,
@@ -47,14 +48,26 @@ def test_tiny_preset_forward_shapes():
 def test_presets_and_overrides():
     model, train, pretrained = make_configs("paper")
     assert (model.backbone, model.num_queries, model.image_size) == ("resnet50", 100, 1024)
+    assert (model.eval_min_size, model.eval_max_size) == (800, 1333)
     assert (train.lr, train.weight_decay, train.backbone_lr_mult, train.batch_size, train.epochs) == (
         1e-4, 0.05, 0.1, 32, 50)
+    assert (train.lr_schedule, train.lr_gamma) == ("multistep", 0.1)
+    assert train.lr_steps == pytest.approx((0.8889, 0.9630), abs=1e-4)
     assert pretrained == "auto"
     model, train, pretrained = make_configs("tiny", backbone="resnet18", lr=1e-3, max_steps=None)
     assert model.backbone == "resnet18" and model.num_queries == 20 and train.lr == 1e-3 and pretrained == "none"
-    for bad in ({"backbone": "vgg16"}, {"image_size": 100}, {"batch_size": 0}, {"min_score": 2.0}):
+    assert (model.eval_min_size, model.eval_max_size, train.lr_schedule) == (None, None, "poly")
+    model, train, _ = make_configs("paper", lr_schedule="poly", lr_steps=[0.5, 0.75], eval_min_size=512,
+                                   eval_max_size=853)
+    assert train.lr_schedule == "poly" and train.lr_steps == (0.5, 0.75)
+    assert (model.eval_min_size, model.eval_max_size) == (512, 853)
+    for bad in ({"backbone": "vgg16"}, {"image_size": 100}, {"batch_size": 0}, {"min_score": 2.0},
+                {"lr_schedule": "cosine"}, {"lr_steps": (0.9, 0.5)}, {"lr_steps": (0.5, 1.5)}, {"lr_steps": (0.0,)},
+                {"lr_gamma": 0.0}, {"eval_max_size": 1333}, {"eval_min_size": 800, "eval_max_size": 600}):
         with pytest.raises(InputError):
             make_configs("tiny", **bad)
+    with pytest.raises(InputError, match="cosine"):
+        make_configs("paper", lr_schedule="cosine")
 
 
 def test_resnet_directory_gives_the_backbone_its_weights_and_frozen_bn(tmp_path):
@@ -95,8 +108,9 @@ def test_auto_uses_the_cache_and_explains_a_missing_download(tmp_path, monkeypat
     with pytest.raises(CheckpointError) as err:
         resolve_pretrained("auto", backbone="resnet50")
     message = str(err.value)
-    assert "microsoft/resnet-50" in message and "--pretrained none" in message
-    assert str(tmp_path / "cache" / "resnet-50") in message
+    assert "microsoft/resnet-50" in message and "--pretrained none" in message and "--pretrained PATH" in message
+    assert str(tmp_path / "cache" / "resnet-50" / "config.json") in message
+    assert str(tmp_path / "cache" / "resnet-50" / "model.safetensors") in message
     with pytest.raises(CheckpointError, match="no ImageNet weights"):
         resolve_pretrained("auto", backbone="tiny")
     # a cached copy is used without any download (here a small ResNet stands in for ResNet-18)
@@ -105,6 +119,16 @@ def test_auto_uses_the_cache_and_explains_a_missing_download(tmp_path, monkeypat
     assert source.kind == "resnet" and source.path.endswith("resnet-18")
     _, m2f = hf_config(PRESETS["tiny"], class_names=NAMES, source=source)
     assert m2f.backbone_config.hidden_sizes == [16, 32, 64, 128] and m2f.backbone_config.out_features == STAGES
+
+
+def test_backbones_name_their_weights_in_the_registry():
+    from omnilabel.models.registry import REGISTRY
+
+    for name, spec in BACKBONES.items():
+        if spec.weights is None:
+            assert name == "tiny"
+        else:
+            assert REGISTRY[spec.weights].kind == "resnet" and spec.weights == name.replace("resnet", "resnet-")
 
 
 def test_bad_paths_and_mismatched_weights(tmp_path):

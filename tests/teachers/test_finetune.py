@@ -12,21 +12,25 @@ import torch
 from omnilabel.data.images import read_image_rgb
 from omnilabel.data.synthetic import make_dataset
 from omnilabel.errors import CheckpointError, InputError, JobError
-from omnilabel.jobs.train_teacher import run_finetune_teacher
+from omnilabel.jobs.options import Dataset, JobOptions
+from omnilabel.jobs.train_teacher import TeacherRecipe, run_finetune_teacher
 from omnilabel.models.sam_loader import SamArch, build_sam_from_arch, load_sam
 from omnilabel.models.tiny import build_tiny_sam, save_sam_checkpoint
 from omnilabel.models.tiny_clip import build_tiny_clip
-from omnilabel.ops.boxes import masks_to_boxes_xyxy
+from omnilabel.ops.boxes import masks_to_boxes_xyxy, masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import mask_iou, rle_to_masks
 from omnilabel.teachers.class_aware import ClassAwareSamTeacher
 from omnilabel.teachers.finetune import FinetuneConfig, decode_per_instance
 from omnilabel.teachers.finetune_data import (
+    EmbeddingCache,
     batch_instances,
     collect_training_set,
+    decode_mask,
     mask_in_input_frame,
     parse_prompt_mode,
     sample_prompt,
 )
+from omnilabel.teachers.finetune_run import FinetuneSetup, _Batcher
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, resolve_paths
 from omnilabel.teachers.sam import SamTeacher
 from omnilabel.teachers.teacher_ckpt import read_teacher
@@ -44,12 +48,23 @@ def scenes(tmp_path_factory) -> tuple[Path, Path]:
     return train, val
 
 
-def _finetune(coco: Path, out: Path, sam: Path, **kwargs) -> tuple[dict, list[dict]]:
+def _finetune(coco: Path, out: Path, sam: Path, *, on_event=None, **kwargs) -> tuple[dict, list[dict]]:
+    """An in-process run; returns its summary and its loss reports."""
     logs: list[dict] = []
+
+    def record(event: dict) -> None:
+        if "loss" in event:
+            logs.append(event)
+        if on_event is not None:
+            on_event(event)
+
     settings = {"steps": 6, "batch_size": 4, "lr": 1e-4, "num_points": 256, "log_every": 1, **kwargs}
-    run_args = {k: settings.pop(k) for k in ("run_dir", "resume", "overwrite", "clip", "clip_arch") if k in settings}
-    summary = run_finetune_teacher(coco, images_dir=coco.parent / "images", output=out,
-                                   config=FinetuneConfig(**settings), sam=str(sam), on_log=logs.append, **run_args)
+    job = JobOptions(num_workers=0, **{k: settings.pop(k) for k in ("job_dir", "resume", "overwrite")
+                                       if k in settings})
+    recipe = TeacherRecipe(finetune=FinetuneConfig(**{k: v for k, v in settings.items()
+                                                      if k not in ("clip", "clip_arch")}),
+                           sam=str(sam), **{k: settings[k] for k in ("clip", "clip_arch") if k in settings})
+    summary = run_finetune_teacher(Dataset(coco, coco.parent / "images"), out, job, recipe, on_event=record)
     return summary, logs
 
 
@@ -127,7 +142,7 @@ def test_prompts_from_gt_masks():
         point, box = sample_prompt(mask, "points", rng)
         assert np.isnan(box).all() and mask[int(point[1]), int(point[0])] and (point % 1 == 0.5).all()
     point, box = sample_prompt(mask, "boxes", rng)
-    assert np.isnan(point).all() and box.tolist() == [10, 5, 25, 9]
+    assert np.isnan(point).all() and box.tolist() == [10, 5, 24, 8]  # SAM's convention: inclusive indices
     kinds = {(bool(np.isfinite(p).all()), bool(np.isfinite(b).all()))
              for p, b in (sample_prompt(mask, "points+boxes", rng) for _ in range(30))}
     assert kinds == {(True, False), (False, True), (True, True)}
@@ -135,6 +150,110 @@ def test_prompts_from_gt_masks():
         ["points", "points+boxes", "points+boxes"]
     with pytest.raises(InputError):
         parse_prompt_mode("masks")
+
+
+def make_batcher(coco: Path, sam_path: Path, cache_dir: Path, *, rank: int = 0, world_size: int = 1,
+                 **settings) -> _Batcher:
+    """The batcher of a run on ``coco``, over a cache of dummy embeddings (the prompts do not read them)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    images, instances = collect_training_set(json.loads(coco.read_text()), coco.parent / "images")
+    sam = load_sam(sam_path)
+    size = int(sam.image_encoder.img_size)
+    cache = EmbeddingCache(cache_dir)
+    for im in images:
+        cache.save(im.image_id, torch.zeros(1, 1, 1), original_size=(im.height, im.width),
+                   input_size=ResizeLongestSide.get_preprocess_shape(im.height, im.width, size))
+    setup = FinetuneSetup(config=FinetuneConfig(**{"batch_size": 8, **settings}), base_path=str(sam_path),
+                          base_id="tiny", base_source="tiny", base_encoder_sha256="0" * 64, images=tuple(images),
+                          instances=tuple(instances), run_dir=str(cache_dir))
+    return _Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=torch.device("cpu"))
+
+
+def batch_prompts(batcher: _Batcher, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(points (b, 2), boxes (b, 4))`` float64 of one step as the model gets them, NaN where none."""
+    inputs, _, b = batcher(step)
+    pts, bxs = np.full((b, 2), np.nan), np.full((b, 4), np.nan)
+    for g in inputs["groups"]:
+        rows = g["index"].numpy()
+        if g["points"] is not None:
+            pts[rows] = g["points"][:, 0].double().numpy()
+        if g["boxes"] is not None:
+            bxs[rows] = g["boxes"].double().numpy()
+    return pts, bxs
+
+
+def gt_prompt_boxes(batcher: _Batcher, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes (b, 4), frame_max (b, 2))``: the GT boxes of a step's instances in SAM's convention and input
+    frame, and the frame position of each image's last pixel."""
+    cfg = batcher.setup.config
+    _, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(batcher.setup.instances),
+                                 seed=cfg.seed)
+    boxes, frame_max = [], []
+    for i in indices:
+        inst = batcher.setup.instances[int(i)]
+        im = batcher.setup.images[inst.image_index]
+        box = masks_to_prompt_boxes_xyxy(decode_mask(inst)[None])
+        boxes.append(batcher.transform.apply_boxes(box, (im.height, im.width))[0])
+        frame_max.append(batcher.transform.apply_coords(np.array([[im.width - 1.0, im.height - 1.0]]),
+                                                        (im.height, im.width))[0])
+    return np.array(boxes), np.array(frame_max)
+
+
+@pytest.mark.parametrize("prompts", ["boxes", "points+boxes"])
+def test_box_prompts_without_jitter_are_sams_gt_boxes(shapes_coco, tiny_sam_path, tmp_path, prompts):
+    batcher = make_batcher(shapes_coco, tiny_sam_path, tmp_path, prompts=prompts, box_jitter=False)
+    with_box = []
+    for step in range(3):
+        _, boxes = batch_prompts(batcher, step)
+        has_box = np.isfinite(boxes).all(axis=1)
+        gt, _ = gt_prompt_boxes(batcher, step)
+        np.testing.assert_allclose(boxes[has_box], gt[has_box], atol=1e-4)
+        with_box.extend(has_box)
+    assert all(with_box) if prompts == "boxes" else 0 < sum(with_box) < len(with_box)
+
+
+def test_box_jitter_moves_boxes_within_20_px_of_gt(shapes_coco, tiny_sam_path, tmp_path):
+    batcher = make_batcher(shapes_coco, tiny_sam_path, tmp_path, prompts="boxes")
+    assert batcher.setup.config.box_jitter  # on by default
+    moves = []
+    for step in range(4):
+        _, boxes = batch_prompts(batcher, step)
+        gt, frame_max = gt_prompt_boxes(batcher, step)
+        move = boxes - gt
+        assert (move != 0).any(axis=1).all()  # every box prompt is jittered
+        assert np.abs(move).max() <= 20.0 + 1e-3  # SAM's limit, in pixels of the 256-px input frame
+        assert (boxes[:, :2] <= boxes[:, 2:]).all() and (boxes >= 0).all()
+        assert (boxes[:, 2:] <= frame_max + 1e-3).all()
+        moves.append(move)
+    # 96-px images in a 256-px frame: sides of 10-100 px, so moves of a few px
+    assert 0.5 < np.abs(np.concatenate(moves)).mean() < 10
+    # the same draws at every call, and whatever the number of workers
+    np.testing.assert_array_equal(batch_prompts(batcher, 2)[1], batch_prompts(batcher, 2)[1])
+    halves = [make_batcher(shapes_coco, tiny_sam_path, tmp_path, prompts="boxes", rank=r, world_size=2)
+              for r in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([batch_prompts(h, 2)[1] for h in halves]),
+                                  batch_prompts(batcher, 2)[1])
+
+
+def test_box_jitter_leaves_points_alone(shapes_coco, tiny_sam_path, tmp_path):
+    for prompts in ("points", "points+boxes"):
+        on = make_batcher(shapes_coco, tiny_sam_path, tmp_path, prompts=prompts)
+        off = make_batcher(shapes_coco, tiny_sam_path, tmp_path, prompts=prompts, box_jitter=False)
+        for step in range(3):
+            (pts_on, boxes_on), (pts_off, boxes_off) = batch_prompts(on, step), batch_prompts(off, step)
+            # the jitter draws after the prompt's draws: the same instances get the same points and kinds
+            np.testing.assert_array_equal(pts_on, pts_off)
+            np.testing.assert_array_equal(np.isnan(boxes_on), np.isnan(boxes_off))
+            if prompts == "points":
+                assert np.isnan(boxes_on).all()
+            else:
+                has_box = np.isfinite(boxes_on).all(axis=1)
+                assert (boxes_on[has_box] != boxes_off[has_box]).any(axis=1).all()
+    with pytest.raises(InputError, match="box_jitter"):
+        FinetuneConfig(box_jitter_frac=-0.1)
+    with pytest.raises(InputError, match="box_jitter"):
+        FinetuneConfig(box_jitter="no")  # type: ignore[arg-type]
 
 
 def test_batches_cover_each_epoch_and_do_not_depend_on_workers():
@@ -218,14 +337,11 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(shapes_coco, tiny_sam_
         pass
 
     def stop_at_3(rec):
-        if rec["step"] == 3:
+        if "loss" in rec and rec["step"] == 3:
             raise Stop
 
     with pytest.raises(Stop):
-        run_finetune_teacher(train, images_dir=train.parent / "images", output=tmp_path / "cut.pt",
-                             config=FinetuneConfig(steps=6, batch_size=4, lr=1e-4, num_points=256, log_every=1,
-                                                   **{k: v for k, v in common.items() if k != "steps"}),
-                             sam=str(tiny_sam_path), on_log=stop_at_3)
+        _finetune(train, tmp_path / "cut.pt", tiny_sam_path, on_event=stop_at_3, **common)
     assert not (tmp_path / "cut.pt").exists()
     with pytest.raises(JobError, match="--resume"):
         _finetune(train, tmp_path / "cut.pt", tiny_sam_path, **common)

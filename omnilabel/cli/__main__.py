@@ -1,0 +1,5 @@
+"""``python -m omnilabel.cli`` runs the command line."""
+
+from omnilabel.cli import main
+
+main()

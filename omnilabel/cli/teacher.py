@@ -1,0 +1,163 @@
+"""Teacher commands: ``pseudomask`` (the main job) and ``finetune-teacher``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omnilabel.cli.app import app
+from omnilabel.cli.display import events, out, pseudomask_tables, table
+from omnilabel.cli.options import (
+    Address,
+    AllowOutsideImages,
+    BatchSize,
+    Device,
+    Images,
+    JobDir,
+    NumWorkers,
+    Overwrite,
+    Resume,
+    default_output,
+    job_options,
+)
+from omnilabel.data.weak import WeakMode
+
+_TEACHER_HELP = "A fine-tuned teacher file (`omnilabel finetune-teacher`)"
+
+
+@app.command()
+def pseudomask(
+    coco: Annotated[Path, typer.Argument(help="Weak COCO JSON (tags, points, boxes; full masks pass through).")],
+    weak: Annotated[WeakMode, typer.Option(
+        help="Which weak labels to use: `auto` (each annotation by what it carries), `points`, `boxes`, "
+             "`tags` (classes only), or `none` (ignore labels; detect every dataset class).")] = WeakMode.AUTO,
+    images: Images = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Pseudomask COCO JSON [default: COCO.pseudo.json beside the input].")] = None,
+    sam: Annotated[str | None, typer.Option(
+        help="SAM checkpoint: vit_b, vit_l, vit_h or a path [default: the base the teachers were fine-tuned "
+             "from, else vit_h].")] = None,
+    detector: Annotated[str, typer.Option(
+        help="Grounding DINO: grounding-dino-tiny, grounding-dino-base, a local folder, or `none` (points then "
+             "use SAM's own box; images with tags or no labels are left out).")] = "grounding-dino-tiny",
+    teacher: Annotated[Path | None, typer.Option(help=f"{_TEACHER_HELP} for every SAM stage.")] = None,
+    teacher_box: Annotated[Path | None, typer.Option(
+        help=f"{_TEACHER_HELP} for boxes and detections (box-SAM), instead of --teacher there.")] = None,
+    teacher_point: Annotated[Path | None, typer.Option(
+        help=f"{_TEACHER_HELP} for stage 1 of points (P-SAM), instead of --teacher there.")] = None,
+    teacher_refine: Annotated[Path | None, typer.Option(
+        help=f"{_TEACHER_HELP} for stage 2 of points (BP-SAM), instead of --teacher there. The paper's three: "
+             "`--teacher-box box_sam.pt --teacher-point p_sam.pt --teacher-refine bp_sam.pt`.")] = None,
+    refine: Annotated[bool, typer.Option(
+        "--refine/--no-refine", help="Points: refine with Grounding DINO boxes (Algorithm 1) and prompt again "
+                                     "with box + point; --no-refine keeps the stage-1 masks (the paper's "
+                                     "\"Point\" ablation).")] = True,
+    clip: Annotated[str | None, typer.Option(
+        help="CLIP for class-aware teachers, a name or a path [default: the one the teacher was trained "
+             "with]; loaded only when a teacher has a class module.")] = None,
+    box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
+    nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
+    num_workers: NumWorkers = None,
+    address: Address = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = None,
+    job_dir: JobDir = None,
+    overwrite: Overwrite = False,
+    allow_outside_images: AllowOutsideImages = False,
+) -> None:
+    """Turn weak annotations into COCO pseudomasks with SAM and Grounding DINO.
+
+    Boxes prompt SAM directly; points go SAM → Grounding DINO refinement (Algorithm 1) → SAM with box and
+    point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM. Annotations with
+    a `segmentation` pass through untouched. Each image is encoded by SAM once. The job is resumable: rerun
+    it after an interruption. Default `--batch-size`: 16 images per shard.
+    """
+    from omnilabel.jobs.options import Dataset
+    from omnilabel.jobs.pseudomask import PseudomaskConfig, run_pseudomask
+    from omnilabel.teachers.loading import TeacherSpec
+    from omnilabel.teachers.pipeline import PipelineConfig
+
+    job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite)
+    roles = {"teacher": teacher, "teacher_box": teacher_box, "teacher_point": teacher_point,
+             "teacher_refine": teacher_refine}
+    spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou,
+                       clip=clip, **{k: str(v) for k, v in roles.items() if v is not None})
+    config = PseudomaskConfig(teachers=spec, pipeline=PipelineConfig(weak=weak, box_threshold=box_threshold,
+                                                                      refine=refine))
+    target = output or default_output(coco, ".pseudo.json")
+    with events("pseudomask") as on_event:
+        summary = run_pseudomask(Dataset(coco, images, allow_outside_images), target, job, config,
+                                 on_event=on_event)
+    for t in pseudomask_tables(summary):
+        out.print(t)
+
+
+@app.command("finetune-teacher")
+def finetune_teacher(
+    coco: Annotated[Path, typer.Argument(
+        help="COCO JSON; its annotations with a `segmentation` (the fully annotated images) are trained on.")],
+    prompts: Annotated[str, typer.Option(
+        help="Prompts drawn from each GT mask: `points` (P-SAM: one random point inside), `boxes` (box-SAM: "
+             "the mask's box), `points+boxes` (BP-SAM: point, box or both).")] = "points+boxes",
+    images: Images = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Teacher file [default: COCO.teacher.pt beside the input].")] = None,
+    sam: Annotated[str, typer.Option(help="Base SAM: vit_b, vit_l, vit_h or a checkpoint path.")] = "vit_h",
+    class_aware: Annotated[bool, typer.Option(
+        "--class-aware", help="Also train the ControlNet-style class prompt (CLIP text of each class).")] = False,
+    clip: Annotated[str, typer.Option(help="CLIP for --class-aware: a name or a checkpoint path.")] = "clip-vit-b-32",
+    clip_arch: Annotated[str | None, typer.Option(
+        help="open_clip architecture of a --clip path (e.g. ViT-B-32) [default: the registry's].")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (paper: 36,874).")] = 36_874,
+    lr_drop_step: Annotated[int | None, typer.Option(
+        help="Step at which the lr drops 10x [default: 75% of --steps; paper: 27,655].")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-5).")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Seed of data order, prompts and point sampling.")] = 0,
+    box_jitter: Annotated[bool, typer.Option(
+        "--box-jitter/--no-box-jitter", help="Jitter box prompts as SAM's training does (noise of 10% of the "
+                                             "box side, at most 20 px): the boxes met at inference come from a "
+                                             "detector or a stage-1 mask, never the exact GT box.")] = True,
+    train_encoder: Annotated[bool, typer.Option(
+        "--train-encoder", help="Also train the image encoder (small teachers from scratch; no embedding "
+                                "cache; the file then holds the encoder).")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 1000,
+    num_workers: NumWorkers = None,
+    address: Address = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = None,
+    job_dir: JobDir = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_outside_images: AllowOutsideImages = False,
+) -> None:
+    """Fine-tune SAM's prompt encoder and mask decoder on the fully annotated images: a teacher for pseudomask.
+
+    The image encoder stays frozen and each image is encoded once for the whole run. Loss 5·CE + 5·Dice on
+    12,544 uncertainty-sampled points per mask, AdamW, lr 1e-5 → 1e-6 at 75% of the steps. The teacher file
+    holds only what was trained and names its base SAM; use it with `omnilabel pseudomask --teacher`. The job
+    directory (`OUTPUT.run` by default) holds the embedding cache, checkpoints and the loss log. Default
+    `--batch-size`: 32 instances per step (the paper's).
+    """
+    from omnilabel.jobs.options import Dataset
+    from omnilabel.jobs.train_teacher import TeacherRecipe, run_finetune_teacher
+    from omnilabel.teachers.finetune import FinetuneConfig
+    from omnilabel.teachers.finetune_data import parse_prompt_mode
+
+    job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite,
+                      resume=resume)
+    recipe = FinetuneConfig(prompts=parse_prompt_mode(prompts), class_aware=class_aware, steps=steps,
+                            lr_drop_step=lr_drop_step, lr=lr, seed=seed, box_jitter=box_jitter,
+                            train_encoder=train_encoder, checkpoint_every=checkpoint_every)
+    target = output or default_output(coco, ".teacher.pt")
+    with events("finetune-teacher") as on_event:
+        summary = run_finetune_teacher(Dataset(coco, images, allow_outside_images), target, job,
+                                       TeacherRecipe(recipe, sam=sam, clip=clip, clip_arch=clip_arch),
+                                       on_event=on_event)
+    rows = [("images / instances trained on", f"{summary['images']} / {summary['instances']}"),
+            ("steps (resumed from)", f"{summary['steps']} ({summary['start_step']})")]
+    if summary["last"]:
+        rows.append(("last loss", f"{summary['last']['loss']:.4f}"))
+    rows += [("run directory", summary["run_dir"]), ("wall time", f"{summary['wall_s']:.1f} s")]
+    out.print(table(f"wrote {summary['output']} ({summary['size_mb']} MB)", rows))

@@ -1,0 +1,51 @@
+"""``omnilabel evaluate``: score a predictions file against a ground-truth file, all numbers in one dict.
+
+Predictions are a COCO results list (``predict``'s output: AP over every GT image, an image without
+predictions counting as missed) or a complete COCO file such as a pseudomask output (AP over the images it
+lists, since a pseudomask file may leave some out). For an omnilabel pseudomask file whose annotations carry
+``omnilabel.weak_id``, the mean mask IoU and boundary IoU against the GT masks those ids name, per weak type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omnilabel.data.coco import load_coco
+from omnilabel.errors import InputError
+from omnilabel.eval.coco_eval import evaluate_segm
+from omnilabel.eval.miou import has_weak_ids, teacher_miou
+from omnilabel.io import read_json, write_json_atomic
+
+
+def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | Path | None = None) -> dict[str, Any]:
+    """COCO segm AP of ``predictions`` against ``gt``; teacher mIoU per weak type for pseudomasks.
+
+    Args:
+        predictions: a COCO results list, or a complete COCO file.
+        gt: ground-truth COCO with instance masks.
+        json_out: also write the returned dict, less ``gt_images``, there as JSON (atomically).
+
+    Returns:
+        ``segm`` (AP, AP50, AP75, APs, APm, APl), ``images`` (how many images AP is over), ``gt_images``, and
+        for pseudomask files ``teacher``: weak type → ``count``, ``miou``, ``boundary_iou``.
+
+    Raises:
+        InputError: a file is unreadable or not COCO, or the predictions do not fit the GT.
+    """
+    predictions = Path(predictions)
+    gt_data = load_coco(gt, allow_outside_images=True)
+    pred = read_json(predictions)
+    if isinstance(pred, dict):
+        pred = load_coco(predictions, allow_outside_images=True)
+    elif not isinstance(pred, list):
+        raise InputError(f"{predictions}: expected a COCO results list or a COCO file, got {type(pred).__name__}")
+    image_ids = [int(im["id"]) for im in pred["images"]] if isinstance(pred, dict) else None
+    result: dict[str, Any] = {"segm": evaluate_segm(pred, gt_data, image_ids=image_ids),
+                              "images": len(image_ids) if image_ids is not None else len(gt_data["images"]),
+                              "gt_images": len(gt_data["images"])}
+    if isinstance(pred, dict) and has_weak_ids(pred):
+        result["teacher"] = teacher_miou(pred, gt_data)
+    if json_out is not None:
+        write_json_atomic({k: v for k, v in result.items() if k != "gt_images"}, json_out)
+    return result
