@@ -23,6 +23,7 @@ def shapes(tmp_path_factory) -> Path:
 def test_help_of_every_command(capsys):
     # Typer names a command after its function, underscores as dashes, unless it is named explicitly.
     names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    names += [g.typer_instance.info.name for g in app.registered_groups]
     assert {"split", "validate", "synth", "pseudomask", "finetune-teacher", "train-student", "predict",
             "evaluate", "visualize", "weights"} <= set(names)
     code, out, _ = run(capsys, "--help")
@@ -33,7 +34,11 @@ def test_help_of_every_command(capsys):
         assert code == 0, cmd
         assert "Usage" in cmd_out and len(cmd_out) > 200, cmd
     code, out, _ = run(capsys, "weights", "--help")
-    assert "init-sam" in out and "--embed-dim" in out
+    assert code == 0 and all(sub in out for sub in ("list", "download", "path", "init-sam"))
+    code, out, _ = run(capsys, "weights", "init-sam", "--help")
+    assert code == 0 and "--embed-dim" in out
+    code, out, _ = run(capsys, "weights", "list", "--help")
+    assert code == 0 and "--embed-dim" not in out  # each action takes only its own options
 
 
 def test_split_then_validate_then_load(capsys, shapes, tmp_path):

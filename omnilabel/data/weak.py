@@ -319,12 +319,13 @@ class WeakPlan:
     """The plan of a whole job: one ``ImagePlan`` per image (file order) and every problem found.
 
     Attributes:
-        mode: the ``--weak`` mode. images: per image, in file order. problems: one line each, naming the
-            file, the record and the field; a job with problems does not start.
+        mode: the ``--weak`` mode. images: per image, in file order. has_detector: whether the job has one.
+        problems: one line each, naming the file, the record and the field; a job with problems does not start.
     """
 
     mode: WeakMode
     images: tuple[ImagePlan, ...]
+    has_detector: bool = True
     problems: tuple[str, ...] = ()
 
     @property
@@ -337,8 +338,9 @@ class WeakPlan:
         return [p for p in self.images if p.left_out is not None]
 
     def uses_detector(self, *, refine_points: bool = True) -> bool:
-        """Whether any kept image runs the detector: tags, no labels, or (with refinement) points."""
-        return any(p.needs_detector or (refine_points and p.has(WeakType.POINT)) for p in self.kept)
+        """Whether the job runs a detector: it has one, and a kept image has tags, no labels, or (with
+        refinement) points."""
+        return self.has_detector and any(p.needs_detector or (refine_points and p.has(WeakType.POINT)) for p in self.kept)
 
     def raise_problems(self, source: str, *, max_problems: int = 20) -> None:
         """Raises InputError listing the problems (the first ``max_problems``), if there are any."""
@@ -426,4 +428,4 @@ def plan_weak(data: dict[str, Any], mode: WeakMode | str, *, has_detector: bool,
         if mode in (WeakMode.TAGS, WeakMode.NONE) or (images and not kept):
             problems.append(f"{source}: --weak {mode.value}: the images have image-level tags or no labels, which "
                             "need a detector; drop `--detector none` (or use --weak points/boxes)")
-    return WeakPlan(mode, tuple(images), tuple(problems))
+    return WeakPlan(mode, tuple(images), has_detector, tuple(problems))

@@ -179,7 +179,7 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     missing = check_images_exist([t.path for t in tasks], images_dir=images_dir, source=source, on_event=on_event)
     shard_size = job.unit(DEFAULT_SHARD_SIZE)
     shards = shards_of(tasks, shard_size)
-    load_detector = spec.has_detector and plan.uses_detector(refine_points=config.pipeline.refine)
+    load_detector = plan.uses_detector(refine_points=config.pipeline.refine)
     jobdir = JobDir(job.job_dir_for(output))
     manifest = {"omnilabel": __version__, "command": "pseudomask", "input_sha256": file_sha256(inputs.coco),
                 "images_dir": str(images_dir), "n_images": len(tasks), "shard_size": shard_size,

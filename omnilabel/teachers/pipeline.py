@@ -250,7 +250,7 @@ class PseudomaskPipeline:
         t0 = time.perf_counter()
         for part in parts:
             inst = part.inst
-            areas = inst.masks_bool().reshape(len(inst), -1).sum(axis=1)
+            areas = inst.masks_bool().sum(axis=(1, 2))
             keep = areas >= cfg.min_mask_area_px
             result.counts["empty"] += int((~keep).sum())
             kept = inst[keep]

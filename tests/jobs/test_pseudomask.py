@@ -155,7 +155,8 @@ def test_offline_missing_weights_say_what_to_do(capsys, dataset, tmp_path, monke
     monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
     weak = _write_weak(dataset, "boxes")
     out = dataset / "never.json"
-    code, _, err = run(capsys, "pseudomask", weak, "--weak", "boxes", "--sam", "vit_b", "-o", out)
+    code, _, err = run(capsys, "pseudomask", weak, "--weak", "boxes", "--images", dataset / "images", "--sam", "vit_b",
+                       "-o", out)
     assert code == 1
     assert "sam_vit_b_01ec64.pth" in err and "omnilabel weights download vit_b" in err
     assert str(tmp_path / "cache") in err
@@ -172,6 +173,7 @@ def test_out_of_memory_halves_the_prompt_batch_and_retries(dataset, tiny_sam_pat
     import torch
 
     from omnilabel.data.coco import category_names, load_coco
+    from omnilabel.data.weak import plan_weak
     from omnilabel.jobs.pseudomask import PseudomaskWorker, plan_tasks
     from omnilabel.teachers.loading import TeacherSpec
     from omnilabel.teachers.pipeline import PipelineConfig
@@ -179,7 +181,8 @@ def test_out_of_memory_halves_the_prompt_batch_and_retries(dataset, tiny_sam_pat
 
     weak = _write_weak(dataset, "boxes")
     data = load_coco(weak)
-    tasks = [t for t in plan_tasks(data, dataset / "images", allow_outside_images=False)
+    plans = plan_weak(data, "boxes", has_detector=False).images
+    tasks = [t for t in plan_tasks(data, dataset / "images", plans, allow_outside_images=False)
              if sum("bbox" in a and "segmentation" not in a for a in t.annotations) >= 3][:2]
     assert tasks
     spec = TeacherSpec(sam=str(tiny_sam_path), detector="none")

@@ -103,14 +103,15 @@ def _identity(d):
 def test_a_crashed_actor_is_restarted_and_its_shard_retried(tmp_path):
     from ray import cloudpickle
 
-    from omnilabel.jobs.ray_runner import RayOptions, run_on_ray
+    from omnilabel.jobs.options import JobOptions
+    from omnilabel.jobs.ray_runner import run_on_ray
 
     # test modules are not importable by Ray workers: ship this one's classes by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     shards = {i: [_Task(i + 1)] for i in range(4)}
     marker = tmp_path / "crashed"
     got = dict(run_on_ray(_CrashOnceWorker, (str(marker),), shards, decode=_identity,
-                          options=RayOptions(num_workers=2, max_retries=2)))
+                          job=JobOptions(num_workers=2)))
     assert marker.exists(), "the worker should have crashed once"
     assert sorted(got) == [0, 1, 2, 3]
     assert [r["image_id"] for r in got[1]] == [2]

@@ -10,7 +10,8 @@ import pytest
 
 from omnilabel.errors import JobError
 from omnilabel.jobs.jobdir import JobDir
-from omnilabel.jobs.runner import default_job_dir, run_shards_in_process, run_unfinished_shards
+from omnilabel.jobs.options import JobOptions
+from omnilabel.jobs.runner import run_shards_in_process, run_unfinished_shards
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,30 @@ def _records(job: JobDir, n_shards: int) -> list[dict]:
     return [rec for i in range(n_shards) for rec in job.read_shard(i)]
 
 
-@pytest.mark.parametrize(("output", "expected"), [
-    ("out/pred.json", "out/pred.job"),
-    ("pseudo.json", "pseudo.job"),
-    ("results", "results.job"),
-    ("a.json.json", "a.json.job"),
+@pytest.mark.parametrize(("output", "suffix", "expected"), [
+    ("out/pred.json", ".job", "out/pred.job"),
+    ("pseudo.json", ".job", "pseudo.job"),
+    ("results", ".job", "results.job"),
+    ("a.json.json", ".job", "a.json.job"),
+    ("teachers/bp.pt", ".run", "teachers/bp.run"),
 ])
-def test_default_job_dir_is_beside_the_output(output: str, expected: str) -> None:
-    assert default_job_dir(output) == Path(expected)
+def test_default_job_dir_is_beside_the_output(output: str, suffix: str, expected: str) -> None:
+    assert JobOptions().job_dir_for(output, suffix) == Path(expected)
+    assert JobOptions(job_dir=Path("elsewhere")).job_dir_for(output, suffix) == Path("elsewhere")
+
+
+def _progress(into: list) -> callable:
+    def on_event(ev: dict) -> None:
+        assert ev["event"] == "progress" and ev["unit"] == "images"
+        into.append((ev["done"], ev["total"]))
+    return on_event
 
 
 def test_fresh_job_runs_every_shard_and_reports_progress(tmp_path: Path) -> None:
     job, shards, progress = _job(tmp_path), _shards(7, 3), []
     SquareWorker.built = 0
     skipped = run_unfinished_shards(job, shards, worker_args=lambda: (10,), executor=_in_process,
-                                    on_progress=lambda done, total: progress.append((done, total)))
+                                    on_event=_progress(progress))
     assert skipped == 0 and SquareWorker.built == 1
     assert progress == [(0, 7), (3, 7), (6, 7), (7, 7)]
     assert _records(job, 3) == [{"image_id": i, "value": i * i + 10} for i in range(1, 8)]
@@ -79,7 +89,7 @@ def test_resumed_shards_are_skipped_and_counted(tmp_path: Path) -> None:
         return _in_process(worker_args, todo)
 
     skipped = run_unfinished_shards(job, shards, worker_args=lambda: (0,), executor=executor,
-                                    on_progress=lambda done, total: progress.append((done, total)))
+                                    on_event=_progress(progress))
     assert skipped == 1 and asked == [[0, 2]]
     assert progress == [(3, 7), (6, 7), (7, 7)]
     assert [r["value"] for r in job.read_shard(1)] == [-1, -1, -1]
@@ -97,7 +107,7 @@ def test_a_finished_job_builds_no_worker(tmp_path: Path) -> None:
 
     progress: list[tuple[int, int]] = []
     skipped = run_unfinished_shards(job, shards, worker_args=no_models, executor=no_executor,
-                                    on_progress=lambda done, total: progress.append((done, total)))
+                                    on_event=_progress(progress))
     assert skipped == 2 and progress == [(4, 4)]
 
 

@@ -10,10 +10,9 @@ import pytest
 from omnilabel.data.coco import annotations_by_image, category_names
 from omnilabel.data.images import read_image_rgb
 from omnilabel.data.weak import split_coco
-from omnilabel.errors import InputError
 from omnilabel.models.sam_loader import load_sam
 from omnilabel.teachers.gdino import GDinoTeacher
-from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline, Teachers, check_mode
+from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline, Teachers
 from omnilabel.teachers.sam import SamTeacher
 
 
@@ -116,16 +115,6 @@ def test_tags_class_comes_from_the_image_tags(models, gt, shapes_coco):
                 assert a["score"] <= a["omnilabel"]["detector_score"] + 1e-9
                 assert a["omnilabel"]["detector_score"] >= 0.3
     assert n > 0
-
-
-def test_check_mode_names_each_misfit(gt):
-    data = _weak(gt, "boxes")
-    with pytest.raises(InputError) as err:
-        check_mode(data, "points", source="weak.json", has_detector=True)
-    assert "weak.json" in str(err.value) and "annotation id=" in str(err.value) and "point" in str(err.value)
-    with pytest.raises(InputError, match="detector"):
-        check_mode(_weak(gt, "tags"), "tags", source="weak.json", has_detector=False)
-    check_mode(data, "boxes", source="weak.json", has_detector=False)
 
 
 def test_refinement_takes_a_matching_detection(models):
