@@ -38,7 +38,7 @@ from _common import command_line, machine_line, markdown_table, peak_rss_mib, to
 from omnilabel.data.coco import category_names, load_coco, write_coco
 from omnilabel.data.images import read_image_rgb
 from omnilabel.data.synthetic import make_dataset
-from omnilabel.data.weak import split_coco
+from omnilabel.data.weak import plan_weak, split_coco
 from omnilabel.instances import Instances
 from omnilabel.jobs.pseudomask import ImageTask, PseudomaskWorker, plan_tasks
 from omnilabel.ops.boxes import masks_to_boxes_xyxy
@@ -211,7 +211,8 @@ def run_setting(setting: str, inputs: dict[str, Any], args: argparse.Namespace, 
                 warmup: bool) -> dict[str, Tally]:
     """Time both methods on every image of one setting, image by image in alternation."""
     data = load_coco(inputs[setting], images_dir=inputs["images"])
-    tasks = plan_tasks(data, inputs["images"], allow_outside_images=False)
+    tasks = plan_tasks(data, inputs["images"], plan_weak(data, setting, has_detector=True).images,
+                       allow_outside_images=False)
     categories = category_names(data)
     config = PipelineConfig(weak=setting)
     spec = TeacherSpec(sam=str(inputs["sam"]), detector=str(inputs["gdino"]), device=args.device)

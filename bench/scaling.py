@@ -5,8 +5,9 @@ Two measurements, both on synthetic scenes (``omnilabel.data.synthetic.make_data
 (``omnilabel.models.tiny.build_tiny_sam``):
 
 - throughput: images/s of ``run_pseudomask`` in this process (one torch thread) and on a local Ray with 1 and
-  with 2 workers (``ray_executor(RayOptions(num_workers=N, threads_per_worker=1), ...)``, what ``ray_shards``
-  builds, with ``TimedWorker``: ``PseudomaskWorker`` stamping each image with its process id and start/end
+  with 2 workers (``ray_executor(JobOptions(num_workers=N), ...)``, what ``executor_for`` builds, with
+  ``TimedWorker``, which keeps each worker to one torch thread: ``PseudomaskWorker`` stamping each image with
+  its process id and start/end
   time). The steady rate counts the images labelled while every worker was up (from the moment the last
   worker started its first image to the moment the first worker ended its last), so Ray start-up, actor
   start-up, model loading and the uneven tail are left out; the end-to-end rate (all images over the whole
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,6 @@ from typing import Any
 from _common import command_line, machine_line, markdown_table, today, usable_cores, write_section
 
 from omnilabel.jobs.pseudomask import ImageTask, PseudomaskWorker
-from omnilabel.jobs.runner import run_shards_in_process
 
 SECTION = "scaling"
 #: The issue's goals.
@@ -57,8 +57,14 @@ class TimedWorker(PseudomaskWorker):
     """``PseudomaskWorker`` that stamps each image record with its process id and wall-clock start and end.
 
     The stamps ride in the shard files (``bench`` key; the merge ignores it), so the actors' busy intervals
-    can be read back after the job.
+    can be read back after the job. Each worker runs one torch thread, whatever its share of the cores.
     """
+
+    def __init__(self, *args: Any) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        super().__init__(*args)
 
     def __call__(self, tasks: Sequence[ImageTask]) -> list[dict[str, Any]]:
         records = []
@@ -245,26 +251,23 @@ def run_job(inputs: dict[str, Path], out_dir: Path, *, workers: int, batch_size:
     Returns:
         The job's summary, and with ``timed`` per image ``(pid, start, end)`` (else an empty list).
     """
-    from omnilabel.jobs.pseudomask import ray_shards, run_in_process, run_pseudomask, task_from_dict
-    from omnilabel.jobs.ray_runner import RayOptions, ray_executor
+    from omnilabel.jobs.options import Dataset, JobOptions
+    from omnilabel.jobs.pseudomask import PseudomaskConfig, PseudomaskWorker, run_pseudomask, task_from_dict
+    from omnilabel.jobs.runner import executor_for
     from omnilabel.teachers.loading import TeacherSpec
     from omnilabel.teachers.pipeline import PipelineConfig
 
-    options = RayOptions(num_workers=workers, threads_per_worker=1)
-    if workers == 0:
-        run_shards = _in_process_timed if timed else run_in_process
-    else:
-        run_shards = ray_executor(options, TimedWorker, task_from_dict) if timed else ray_shards(options)
     job_dir = out_dir / "pseudo.job"
+    job = JobOptions(num_workers=workers, batch_size=batch_size, job_dir=job_dir)
+    executor = executor_for(job, TimedWorker if timed else PseudomaskWorker, task_from_dict)
 
-    def on_progress(done: int, total: int) -> None:
-        if at_end is not None and done == total:
+    def on_event(ev: dict[str, Any]) -> None:
+        if at_end is not None and ev["event"] == "progress" and ev["done"] == ev["total"]:
             at_end.update(cpu=process_cpu(), time=time.perf_counter(), jiffies=cpu_jiffies())
 
-    summary = run_pseudomask(inputs["coco"], output=out_dir / "pseudo.json", images_dir=inputs["images"],
-                             spec=TeacherSpec(sam=str(inputs["sam"]), detector="none"),
-                             config=PipelineConfig(weak="boxes"), job_dir=job_dir, shard_size=batch_size,
-                             on_progress=on_progress, run_shards=run_shards)
+    config = PseudomaskConfig(TeacherSpec(sam=str(inputs["sam"]), detector="none"), PipelineConfig(weak="boxes"))
+    summary = run_pseudomask(Dataset(inputs["coco"], inputs["images"]), out_dir / "pseudo.json", job, config,
+                             on_event=on_event, executor=executor)
     spans = []
     if timed:
         for shard in sorted((job_dir / "shards").glob("*.jsonl")):
@@ -274,17 +277,12 @@ def run_job(inputs: dict[str, Path], out_dir: Path, *, workers: int, batch_size:
     return summary, spans
 
 
-def _in_process_timed(worker_args: tuple, shards: dict[int, list[ImageTask]]
-                      ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``run_in_process`` with ``TimedWorker``."""
-    return run_shards_in_process(TimedWorker, worker_args, shards)
-
-
 def measure_throughput(args: argparse.Namespace, work: Path) -> tuple[list[Throughput], float]:
     """Time the job in-process and on Ray with each worker count; also returns Ray's start-up seconds."""
     import torch
 
-    from omnilabel.jobs.ray_runner import RayOptions, init_ray
+    from omnilabel.jobs.options import JobOptions
+    from omnilabel.jobs.ray_runner import init_ray
 
     torch.set_num_threads(1)
     sam_kwargs = {"embed_dim": args.sam_embed_dim, "depth": args.sam_depth, "num_heads": 4,
@@ -292,7 +290,7 @@ def measure_throughput(args: argparse.Namespace, work: Path) -> tuple[list[Throu
     inputs = make_inputs(work / "tp", n_images=args.images, image_px=args.image_px, sam_kwargs=sam_kwargs,
                          seed=args.seed)
     t0 = time.perf_counter()
-    init_ray(RayOptions())
+    init_ray(JobOptions(num_workers=1))
     ray_start_s = time.perf_counter() - t0
     plan = [("in-process", 0)] if args.in_process else []
     for _ in range(args.repeats):
@@ -349,6 +347,7 @@ def plain_child(spec_json: str) -> None:
     import torch
 
     from omnilabel.data.coco import category_names, load_coco
+    from omnilabel.data.weak import plan_weak
     from omnilabel.jobs.pseudomask import plan_tasks
     from omnilabel.teachers.loading import TeacherSpec, resolve_paths
     from omnilabel.teachers.pipeline import PipelineConfig
@@ -357,7 +356,8 @@ def plain_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     coco, images = Path(spec["inputs"]["coco"]), Path(spec["inputs"]["images"])
     data = load_coco(coco, images_dir=images)
-    tasks = plan_tasks(data, images, allow_outside_images=False)[spec["part"]::spec["parts"]]
+    plans = plan_weak(data, "boxes", has_detector=False).images
+    tasks = plan_tasks(data, images, plans, allow_outside_images=False)[spec["part"]::spec["parts"]]
     teacher = TeacherSpec(sam=spec["inputs"]["sam"], detector="none")
     worker = TimedWorker(teacher, resolve_paths(teacher, load_detector=False), category_names(data),
                          PipelineConfig(weak="boxes"))
@@ -385,9 +385,10 @@ def memory_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     inputs = {k: Path(v) for k, v in spec["inputs"].items()}
     if spec["workers"]:
-        from omnilabel.jobs.ray_runner import RayOptions, init_ray
+        from omnilabel.jobs.options import JobOptions
+        from omnilabel.jobs.ray_runner import init_ray
 
-        init_ray(RayOptions())
+        init_ray(JobOptions(num_workers=1))
     import torch
 
     torch.set_num_threads(1)

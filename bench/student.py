@@ -55,8 +55,9 @@ def main() -> None:
     import torch
 
     from omnilabel.data.synthetic import make_dataset
+    from omnilabel.jobs.options import Dataset, JobOptions
+    from omnilabel.jobs.train_student import StudentInputs, StudentRecipe, run_train_student
     from omnilabel.students.run import make_configs
-    from omnilabel.students.train import train_student
 
     rows, timings = [], []
     with tempfile.TemporaryDirectory(prefix="bench-student-") as tmp:
@@ -64,13 +65,14 @@ def main() -> None:
         side = args.image_size
         coco = make_dataset(root / "data", n_images=args.images, seed=0, size_hw=(side, side), max_objects=4)
         model, train, pretrained = make_configs(
-            args.preset, image_size=args.image_size, batch_size=args.batch_size, max_steps=args.steps, log_every=5,
+            args.preset, image_size=args.image_size, max_steps=args.steps, log_every=5,
             checkpoint_every=10**9, pretrained="none")
         for label, workers in (("in-process", 0), (f"Ray Train, {args.workers} workers", args.workers)):
             run_dir = root / f"run{workers}"
             t0 = time.perf_counter()
-            train_student(coco, images_dir=root / "data" / "images", run_dir=run_dir, model=model, train=train,
-                          pretrained=pretrained, device=args.device, num_workers=workers)
+            run_train_student(StudentInputs(Dataset(coco, root / "data" / "images")), run_dir,
+                              JobOptions(num_workers=workers, device=args.device, batch_size=args.batch_size),
+                              StudentRecipe(model, train, pretrained))
             wall = time.perf_counter() - t0
             s_per_step, images_per_s = _rates(run_dir, warmup=args.warmup)
             per_worker = args.batch_size // max(workers, 1)

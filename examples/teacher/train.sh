@@ -15,4 +15,4 @@ mkdir -p "$work"
 "$omnilabel" finetune-teacher "$work/train/coco.json" --images "$work/train/images" \
     --sam "$work/shapes-sam-init.pth" --train-encoder --prompts points+boxes \
     --steps 8000 --batch-size 8 --lr 5e-4 --checkpoint-every 500 --seed 0 \
-    --run-dir "$work/run" -o "$here/shapes-sam.pt"
+    --job-dir "$work/run" -o "$here/shapes-sam.pt"

@@ -340,7 +340,8 @@ class WeakPlan:
     def uses_detector(self, *, refine_points: bool = True) -> bool:
         """Whether the job runs a detector: it has one, and a kept image has tags, no labels, or (with
         refinement) points."""
-        return self.has_detector and any(p.needs_detector or (refine_points and p.has(WeakType.POINT)) for p in self.kept)
+        return self.has_detector and any(p.needs_detector or (refine_points and p.has(WeakType.POINT))
+                                         for p in self.kept)
 
     def raise_problems(self, source: str, *, max_problems: int = 20) -> None:
         """Raises InputError listing the problems (the first ``max_problems``), if there are any."""

@@ -195,7 +195,8 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     data = {**data, "images": [im for im in data["images"] if int(im["id"]) in kept]}
 
     def worker_args() -> tuple:
-        return spec, resolve_paths(spec, load_detector=load_detector), category_names(data), config.pipeline
+        return (spec, resolve_paths(spec, load_detector=load_detector, on_event=on_event), category_names(data),
+                config.pipeline)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
                                     executor=executor or executor_for(job, PseudomaskWorker, task_from_dict),

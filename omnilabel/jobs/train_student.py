@@ -103,7 +103,9 @@ def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions
     source = None
     if resuming:
         stored = read_student(run_dir)
-        changed = [k for k, v in dataclasses.asdict(model).items() if stored["requested"].get(k) != v]
+        # A field the stored run predates (e.g. the evaluation size) does not block its resume.
+        requested = stored["requested"]
+        changed = [k for k, v in dataclasses.asdict(model).items() if k in requested and requested[k] != v]
         if stored["category_ids"] != category_ids:
             changed.append("categories")
         if changed:
@@ -111,7 +113,7 @@ def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions
                            "use the settings it was started with, or --overwrite")
         student = {**stored, "train": dataclasses.asdict(train)}
     else:
-        source = resolve_pretrained(config.pretrained, backbone=model.backbone)
+        source = resolve_pretrained(config.pretrained, backbone=model.backbone, on_event=on_event)
         actual, m2f = hf_config(model, class_names=names, source=source)
         student = {"omnilabel": __version__, "backbone": actual.backbone, "num_classes": len(names),
                    "category_ids": category_ids, "category_names": names, "image_size": actual.image_size,

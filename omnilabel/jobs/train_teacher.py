@@ -135,7 +135,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
     from omnilabel.teachers.loading import model_id
     from omnilabel.teachers.teacher_ckpt import file_size_mb, state_dict_sha256
 
-    base_path = resolve(config.sam, kind="sam")
+    base_path = resolve(config.sam, kind="sam", on_event=on_event)
     encoder_sha = state_dict_sha256(load_sam(base_path).image_encoder.state_dict())
     class_ids: tuple[int, ...] = ()
     class_text, clip_rec = None, None
@@ -155,14 +155,14 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                           class_text=class_text, clip=clip_rec,
                           threads=0 if job.in_process or job.gpu else job.threads_per_worker())
     if job.in_process:
-        result = train_worker(setup, device=job.device, on_log=on_event)
+        result = train_worker(setup, device=job.device, on_event=on_event)
     else:
         from omnilabel.jobs.ray_train import fit_on_ray
 
         start = _last_step(paths)
         records = fit_on_ray(train_worker, setup, job=job, name="finetune-teacher", run_dir=paths.root,
                              log=paths.log, on_event=on_event)
-        losses = [r for r in records if "loss" in r]
+        losses = [r for r in records if r.get("event") == "step"]
         result = {"steps": recipe.steps, "start_step": start, "last": losses[-1] if losses else {}}
     _copy_atomic(paths.teacher, output)
     return {"output": str(output), "run_dir": str(paths.root), "size_mb": file_size_mb(output), "images": len(images),

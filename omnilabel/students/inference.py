@@ -16,7 +16,6 @@ float rounding, whatever else is in the call.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omnilabel.models.precision import autocast
 from omnilabel.ops.masks import masks_to_rle
 from omnilabel.students.data import eval_padded_hw, eval_resize, eval_size_hw, normalize
 
@@ -43,14 +43,6 @@ class PredictConfig:
     score_thresh: float = 0.0
     top_k: int = 100
     batch_size: int = 8
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU that has it, fp16 on other GPUs, nothing on the CPU (float32)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, padded_hw: tuple[int, int],

@@ -30,8 +30,9 @@ import torch
 from omnilabel.data.coco import load_coco, resolve_image_path
 from omnilabel.data.images import read_image_rgb
 from omnilabel.errors import InputError
+from omnilabel.models.precision import autocast, needs_loss_scaling
 from omnilabel.students.data import EpochBatchSampler, TrainDataset, collate, training_samples
-from omnilabel.students.inference import PredictConfig, autocast, coco_results, predict_images
+from omnilabel.students.inference import PredictConfig, coco_results, predict_images
 from omnilabel.students.loss import total_loss
 from omnilabel.students.mask2former import backbone_of, build_model, load_weights, set_train_mode
 from omnilabel.students.run import (
@@ -181,8 +182,7 @@ def train_loop(setup: RunSetup, *, device: torch.device | str = "cpu", rank: int
     steps_per_epoch = EpochBatchSampler.steps_per_epoch(len(samples), cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps=total, train=cfg)
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_loss_scaling(device))
     step, best_ap = 0, None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)

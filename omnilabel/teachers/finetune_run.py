@@ -17,8 +17,6 @@ computes what the uninterrupted one would have. Rank 0 writes checkpoints, the l
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 
 from omnilabel.errors import InputError, JobError
-from omnilabel.io import save_torch_atomic
+from omnilabel.events import OnEvent
+from omnilabel.io import append_jsonl, save_torch_atomic
+from omnilabel.models.precision import autocast_dtype
 from omnilabel.ops.boxes import jitter_boxes_xyxy
 from omnilabel.teachers.finetune import FinetuneConfig, LossMeter, SamTrainable, mask_losses, point_generator
 from omnilabel.teachers.finetune_data import (
@@ -249,14 +249,15 @@ def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any
 
 
 def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
-                 on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 on_event: OnEvent | None = None) -> dict[str, Any]:
     """Run (or continue) the fine-tuning as one worker; with ``world_size`` > 1 the process group must exist.
 
     Args:
         setup: the run.
         rank: this worker's rank. world_size: number of workers (DDP when > 1).
         device: torch device string of this worker.
-        on_log: rank 0 calls it with each loss report ``{"step", "steps", "lr", "loss", "mask_loss",
+        on_event: rank 0 calls it with what it appends to the log: ``{"event": "start", "step", "total_steps"}``
+            once, then each loss report ``{"event": "step", "step", "total_steps", "lr", "loss", "mask_loss",
             "iou_loss", "seconds_per_step"}``, after any checkpoint of that step is written.
 
     Returns:
@@ -293,14 +294,21 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
     model.train()
-    if dev.type == "cuda":
-        model.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model.amp_dtype = autocast_dtype(dev)
     net: torch.nn.Module = model
     if _distributed(world_size):
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
     batcher = _Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=dev)
     meter, last = LossMeter(), {}
+
+    def log(record: dict[str, Any]) -> None:
+        if rank == 0:
+            append_jsonl(record, paths.log)
+            if on_event is not None:
+                on_event(record)
+
+    log({"event": "start", "step": start, "total_steps": cfg.steps})
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         if not _distributed(world_size):
@@ -330,12 +338,9 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
             save_torch_atomic({"step": done, "config": cfg.to_dict(), "model": model.state_dict(),
                                "optimizer": optimizer.state_dict()}, paths.state)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last = {"step": done, "steps": cfg.steps, "lr": cfg.lr_at(step), **meter.take(reduce)}
-            if rank == 0:
-                with open(paths.log, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if on_log is not None:
-                    on_log(last)
+            last = {"event": "step", "step": done, "total_steps": cfg.steps, "lr": cfg.lr_at(step),
+                    **meter.take(reduce)}
+            log(last)
     if rank == 0:
         save_torch_atomic(_teacher_file(setup, model, arch, cfg.steps), paths.teacher)
     if _distributed(world_size):

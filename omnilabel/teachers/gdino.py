@@ -37,6 +37,7 @@ import torch
 
 from omnilabel.errors import CheckpointError, InputError
 from omnilabel.instances import Instances
+from omnilabel.models.precision import autocast
 from omnilabel.ops.nms import nms_xyxy
 
 NmsMode = Literal["class_wise", "agnostic"]
@@ -331,10 +332,7 @@ class GDinoTeacher:
         return token_logits_to_class_scores(logits, token_indices), boxes
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return autocast(self.device)
 
 
 def _to_pixels_xyxy(boxes_cxcywh: np.ndarray, *, height: int, width: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omnilabel.errors import CheckpointError, InputError
+from omnilabel.events import OnEvent
 from omnilabel.teachers.pipeline import Teachers
 
 if TYPE_CHECKING:
@@ -111,11 +112,11 @@ def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
     return next((tf for tf in files.values() if tf.encoder_included), None)
 
 
-def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
+def resolve_paths(spec: TeacherSpec, *, load_detector: bool, on_event: OnEvent | None = None) -> dict[str, Path]:
     """Local paths of every model the job needs, downloading named ones first (before any image is read).
 
     Keys: ``sam`` (unless a teacher holds the encoder), each role given, ``clip`` (class-aware teachers),
-    ``detector`` (when ``load_detector`` and the spec has one).
+    ``detector`` (when ``load_detector`` and the spec has one). ``on_event`` gets ``download`` events.
 
     Raises:
         CheckpointError: a model is missing and cannot be downloaded (the message says what to do), or a
@@ -127,15 +128,15 @@ def resolve_paths(spec: TeacherSpec, *, load_detector: bool) -> dict[str, Path]:
     files = _read_files(spec)
     paths: dict[str, Path] = {role: tf.path for role, tf in files.items()}
     if _encoder_file(files) is None:
-        paths["sam"] = resolve(str(spec.sam), kind="sam")
+        paths["sam"] = resolve(str(spec.sam), kind="sam", on_event=on_event)
     clip_teachers = [tf for tf in files.values() if tf.class_aware]
     if clip_teachers:
         sources = {tf.clip["source"] for tf in clip_teachers if tf.clip}
         if spec.clip is None and len(sources) > 1:
             raise CheckpointError(f"the teachers were trained with different CLIPs ({', '.join(sorted(sources))})")
-        paths["clip"] = resolve(spec.clip or sources.pop(), kind="clip")
+        paths["clip"] = resolve(spec.clip or sources.pop(), kind="clip", on_event=on_event)
     if load_detector and spec.has_detector:
-        paths["detector"] = resolve(spec.detector, kind="gdino")
+        paths["detector"] = resolve(spec.detector, kind="gdino", on_event=on_event)
     # Absolute: Ray workers do not run in the driver's working directory.
     return {key: Path(path).resolve() for key, path in paths.items()}
 

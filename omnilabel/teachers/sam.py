@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from omnilabel.errors import InputError
+from omnilabel.models.precision import autocast
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -162,10 +163,7 @@ class SamTeacher:
         self.oom_splits = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return autocast(self.device)
 
     def encode(self, image_rgb: np.ndarray) -> ImageEmbedding:
         """Run the image encoder once.

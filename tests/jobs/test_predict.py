@@ -112,3 +112,14 @@ def test_neither_images_nor_coco_is_an_input_error(student, tmp_path: Path) -> N
     with pytest.raises(InputError, match="give --images"):
         run_predict(PredictInputs(run_dir), tmp_path / "x.json", JOB, CONFIG)
     assert not (tmp_path / "x.job").exists()
+
+
+def test_a_job_whose_images_all_fail_does_not_succeed(student, tmp_path: Path) -> None:
+    run_dir, _ = student
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(JobError, match="all 2 images failed"):
+        run_predict(PredictInputs(run_dir, images=images), tmp_path / "out.json", JOB, CONFIG)
+    assert not (tmp_path / "out.json").exists()

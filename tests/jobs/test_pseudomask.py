@@ -142,6 +142,7 @@ def test_missing_and_corrupt_images_are_recorded_and_the_job_goes_on(capsys, dat
     code, stdout, err = run(capsys, "pseudomask", weak, "--weak", "boxes", "--images", dataset / "images",
                             "--sam", tiny_sam_path, "-o", out)
     assert code == 0, err
+    assert f"1 of {len(names)} images do not exist" in err
     errors = [json.loads(line) for line in (dataset / "p.job" / "errors.jsonl").read_text().splitlines()]
     assert sorted(e["image_id"] for e in errors) == sorted(data["images"][i]["id"] for i in (1, 2))
     assert all(e["error"] for e in errors)
@@ -212,3 +213,23 @@ def test_out_of_memory_halves_the_prompt_batch_and_retries(dataset, tiny_sam_pat
     monkeypatch.setattr(SamTeacher, "_decode", decode_never_fits)
     failed = worker(tasks[:1])
     assert "out of memory" in failed[0]["error"]
+
+
+def test_a_job_with_no_image_refuses_with_where_it_looked(capsys, dataset, tiny_sam_path):
+    weak = _write_weak(dataset, "boxes")  # beside images/, whose file_names are relative to images/
+    code, _, err = run(capsys, "pseudomask", weak, "--weak", "boxes", "--sam", tiny_sam_path, "-o", dataset / "p.json")
+    assert code == 1 and "none of its 12 images exists under" in err and str(dataset) in err
+    assert f"--images {dataset / 'images'}" in err  # where they are
+    assert not (dataset / "p.json").exists() and not (dataset / "p.job").exists()
+
+
+def test_a_job_whose_images_all_fail_does_not_succeed(capsys, dataset, tiny_sam_path):
+    weak = _write_weak(dataset, "boxes")
+    for path in (dataset / "images").iterdir():
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = dataset / "p.json"
+    code, _, err = run(capsys, "pseudomask", weak, "--weak", "boxes", "--images", dataset / "images",
+                       "--sam", tiny_sam_path, "-o", out)
+    assert code == 1 and "all 12 images failed" in err and "errors.jsonl" in err
+    assert not out.exists()
+    assert len((dataset / "p.job" / "errors.jsonl").read_text().splitlines()) == 12

@@ -181,19 +181,23 @@ def test_predict_on_ray_equals_in_process(trained, scenes, tmp_path, capsys, loc
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
-def test_in_process_resume_ends_where_an_uninterrupted_run_does(scenes, tmp_path):
+@pytest.mark.parametrize("lr_schedule", ["poly", "multistep"])
+def test_in_process_resume_ends_where_an_uninterrupted_run_does(scenes, tmp_path, lr_schedule):
+    from omnilabel.jobs.options import Dataset, JobOptions
+    from omnilabel.jobs.train_student import StudentInputs, StudentRecipe, run_train_student
     from omnilabel.students.run import checkpoint_path, make_configs
-    from omnilabel.students.train import train_student
 
     run = tmp_path / "run"
-    model, train, pretrained = make_configs("tiny", max_steps=6, checkpoint_every=3)
-    args = {"images_dir": scenes / "train" / "images", "run_dir": run, "model": model, "train": train,
-            "pretrained": pretrained}
-    train_student(scenes / "train" / "coco.json", **args)
+    # multistep over 6 steps: x 0.1 from step 5 and again from step 6, after the resume point (step 3)
+    recipe = StudentRecipe(*make_configs("tiny", max_steps=6, checkpoint_every=3, lr_schedule=lr_schedule))
+    inputs = StudentInputs(Dataset(scenes / "train" / "coco.json", scenes / "train" / "images"))
+    run_train_student(inputs, run, JobOptions(num_workers=0), recipe)
     straight = torch.load(checkpoint_path(run, 6), weights_only=False)
     checkpoint_path(run, 6).unlink()  # as if the run had been killed after step 3's checkpoint
-    summary = train_student(scenes / "train" / "coco.json", **args, resume=True)
+    summary = run_train_student(inputs, run, JobOptions(num_workers=0, resume=True), recipe)
     assert summary["resumed_from"].endswith("step_00000003.pt") and summary["steps"] == 6
     resumed = torch.load(checkpoint_path(run, 6), weights_only=False)
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+    lrs = [e["lr"] for e in _metrics(run) if e["event"] == "step"]  # logged after each step: the next step's lr
+    assert lrs[-1] == pytest.approx(1e-3 * (0.01 if lr_schedule == "multistep" else 0.0))
