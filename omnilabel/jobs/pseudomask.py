@@ -171,12 +171,12 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     data = load_coco(inputs.coco, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
     plan = plan_weak(data, config.pipeline.weak, has_detector=spec.has_detector, source=source)
     plan.raise_problems(source)
+    tasks = plan_tasks(data, images_dir, plan.images, allow_outside_images=inputs.allow_outside_images)
+    missing = check_images_exist([t.path for t in tasks], images_dir=images_dir, source=source, on_event=on_event)
     if plan.left_out:
         emit(on_event, "warning", message=f"{len(plan.left_out)} image(s) with image-level tags or no labels need "
                                           "a detector and are left out of the output (drop `--detector none` to "
                                           "label them)")
-    tasks = plan_tasks(data, images_dir, plan.images, allow_outside_images=inputs.allow_outside_images)
-    missing = check_images_exist([t.path for t in tasks], images_dir=images_dir, source=source, on_event=on_event)
     shard_size = job.unit(DEFAULT_SHARD_SIZE)
     shards = shards_of(tasks, shard_size)
     load_detector = plan.uses_detector(refine_points=config.pipeline.refine)
