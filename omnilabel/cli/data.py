@@ -52,7 +52,7 @@ def validate(
     Reports every problem at once, each naming the file, the record and the field. Jobs do not open
     images up front (a missing image is recorded and the job goes on); run this to check them first.
     """
-    from omnilabel.data.coco import validate_file
+    from omnilabel.data.weak import validate_file
 
     summary = validate_file(coco, images_dir=images, allow_outside_images=allow_outside_images)
     counts = ", ".join(f"{k} {v}" for k, v in summary["weak"].items())

@@ -341,28 +341,3 @@ def category_names(data: dict[str, Any]) -> dict[int, str]:
     """``{category_id: name}`` of a validated COCO dict, in file order."""
     return {cat["id"]: cat["name"] for cat in data["categories"]}
 
-
-def validate_file(coco: str | Path, *, images_dir: str | Path | None = None,
-                  allow_outside_images: bool = False) -> dict[str, Any]:
-    """``omnilabel validate``: check a COCO file and decode every image it names.
-
-    Args:
-        coco: the COCO JSON file.
-        images_dir: the folder ``file_name``s are relative to (default: the JSON's folder).
-        allow_outside_images: accept ``file_name`` values that are absolute or climb out with ``..``.
-
-    Returns:
-        ``images``, ``annotations`` (counts) and ``weak`` (annotations per weak type, ``summarize_weak``).
-
-    Raises:
-        InputError: every problem of the file, or of its image files, at once.
-    """
-    from omnilabel.data.weak import summarize_weak
-
-    coco = Path(coco)
-    images_dir = Path(images_dir) if images_dir is not None else coco.parent
-    data = load_coco(coco, images_dir=images_dir, allow_outside_images=allow_outside_images)
-    problems = check_image_files(data, images_dir, allow_outside_images=allow_outside_images)
-    if problems:
-        raise InputError(f"{coco}: {len(problems)} image problem(s)", problems)
-    return {"images": len(data["images"]), "annotations": len(data["annotations"]), "weak": summarize_weak(data)}

@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from omnilabel.data.coco import GEOMETRY_KEYS, has_geometry
+from omnilabel.data.coco import (
+    GEOMETRY_KEYS,
+    annotations_by_image,
+    check_image_files,
+    has_geometry,
+    load_coco,
+    write_coco,
+)
 from omnilabel.errors import InputError
 from omnilabel.ops.masks import segmentation_to_rle
 
@@ -254,6 +261,30 @@ def summarize_weak(data: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def validate_file(coco: str | Path, *, images_dir: str | Path | None = None,
+                  allow_outside_images: bool = False) -> dict[str, Any]:
+    """``omnilabel validate``: check a COCO file and decode every image it names; count its weak types.
+
+    Args:
+        coco: the COCO JSON file.
+        images_dir: the folder ``file_name``s are relative to (default: the JSON's folder).
+        allow_outside_images: accept ``file_name`` values that are absolute or climb out with ``..``.
+
+    Returns:
+        ``images``, ``annotations`` (counts) and ``weak`` (annotations per weak type, ``summarize_weak``).
+
+    Raises:
+        InputError: every problem of the file, or of its image files, at once.
+    """
+    coco = Path(coco)
+    images_dir = Path(images_dir) if images_dir is not None else coco.parent
+    data = load_coco(coco, images_dir=images_dir, allow_outside_images=allow_outside_images)
+    problems = check_image_files(data, images_dir, allow_outside_images=allow_outside_images)
+    if problems:
+        raise InputError(f"{coco}: {len(problems)} image problem(s)", problems)
+    return {"images": len(data["images"]), "annotations": len(data["annotations"]), "weak": summarize_weak(data)}
+
+
 def split_file(coco: str | Path, *, output: str | Path, fully: float, weak: SplitWeak | str,
                seed: int) -> dict[str, int]:
     """``split_coco`` from a COCO file to a new one (written atomically).
@@ -264,8 +295,6 @@ def split_file(coco: str | Path, *, output: str | Path, fully: float, weak: Spli
     Raises:
         InputError: a bad input file (nothing is written) or bad settings.
     """
-    from omnilabel.data.coco import load_coco, write_coco
-
     result = split_coco(load_coco(coco, allow_outside_images=True), fully=fully, weak=weak, seed=seed)
     write_coco(result, output)
     return summarize_weak(result)
@@ -415,8 +444,6 @@ def plan_weak(data: dict[str, Any], mode: WeakMode | str, *, has_detector: bool,
     Returns:
         The ``WeakPlan`` (check ``problems`` before running).
     """
-    from omnilabel.data.coco import annotations_by_image
-
     mode = WeakMode(mode)
     images: list[ImagePlan] = []
     problems: list[str] = []

@@ -53,6 +53,7 @@ def test_finetune_cli_writes_a_small_teacher_and_refuses_a_second_run(capsys, cl
     capsys.readouterr()
     tf = read_teacher(cli_teacher)
     assert tf.meta["step"] == 4 and tf.meta["base"]["source"] == str(tiny_sam_path.resolve())
+    assert tf.meta["config"]["box_jitter"] is True  # on by default
     assert {k.split(".")[0] for k in tf.state} == {"prompt_encoder", "mask_decoder"}
     run_dir = cli_teacher.with_name("bp.run")
     assert (run_dir / "checkpoints" / "last.pt").is_file()
@@ -93,8 +94,9 @@ def test_class_aware_teacher_in_pseudomask_brings_its_clip(capsys, data, tiny_sa
     model_name, clip_path = build_tiny_clip(tmp_path / "clip.pt", seed=0)
     code, _, err = run(capsys, "finetune-teacher", data / "weak_points.json", "--images", data / "images",
                        "--sam", tiny_sam_path, "--prompts", "points", "--class-aware", "--clip", clip_path,
-                       "--clip-arch", model_name, "-o", tmp_path / "p_cls.pt", *TRAIN_FLAGS)
+                       "--clip-arch", model_name, "--no-box-jitter", "-o", tmp_path / "p_cls.pt", *TRAIN_FLAGS)
     assert code == 0, err
+    assert read_teacher(tmp_path / "p_cls.pt").meta["config"]["box_jitter"] is False
     out = tmp_path / "pseudo.json"
     code, _, err = run(capsys, "pseudomask", data / "weak_points.json", "--weak", "points", "--images",
                        data / "images", "--detector", "none", "--teacher", tmp_path / "p_cls.pt",
