@@ -17,8 +17,9 @@ from omnilabel.eval.miou import teacher_miou
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TEACHER = EXAMPLES / "teacher" / "shapes-sam.pt"
-#: The issue's bars for the shipped teacher on held-out synthetic scenes.
-MIN_BOX_MIOU, MIN_POINT_MIOU = 0.80, 0.65
+#: Bars for the shipped teacher on held-out synthetic scenes (measured on 48 scenes of seed 7: boxes 0.908,
+#: points 0.843; before its box prompts took SAM's convention and jitter, points were 0.78).
+MIN_BOX_MIOU, MIN_POINT_MIOU = 0.80, 0.75
 #: Seed of the fresh scenes: the teacher trained on seed 1000, the example is seed 0, the demo's held-out seed 1.
 FRESH_SEED = 7
 
@@ -36,6 +37,7 @@ def test_shipped_teacher_is_small_and_says_how_it_was_made():
         given = re.search(rf"{flag} (\S+)", recipe)
         assert given and float(given.group(1)) == value, (flag, value)
     assert cfg["train_encoder"] and "--train-encoder" in recipe
+    assert cfg["box_jitter"] == ("--no-box-jitter" not in recipe)
 
 
 @pytest.mark.parametrize(("weak", "bar"), [("boxes", MIN_BOX_MIOU), ("points", MIN_POINT_MIOU)])
