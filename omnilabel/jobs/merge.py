@@ -6,19 +6,14 @@ so the merged file is identical however many workers made the shards.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omnilabel.io import atomic_path
+from omnilabel.io import atomic_path, dump_json
 from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.runner import check_not_all_failed
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 def write_errors(lines: list[str], path: str | Path | None) -> None:
@@ -59,7 +54,7 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
         f.write("{")
         for key, value in header.items():
             if key != "annotations":
-                f.write(f"{_dump(key)}:{_dump(value)},")
+                f.write(f"{dump_json(key)}:{dump_json(value)},")
         f.write('"annotations":[')
         first = True
         for shard in range(n_shards):
@@ -67,7 +62,7 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
                 n_images += 1
                 if rec.get("error"):
                     n_errors += 1
-                    err_lines.append(_dump({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
+                    err_lines.append(dump_json({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
                                             "error": rec["error"]}))
                     continue
                 counts.update(rec.get("counts", {}))
@@ -75,7 +70,7 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
                 for ann in rec["annotations"]:
                     ann = {"id": next_id, "image_id": rec["image_id"], **ann}
                     next_id += 1
-                    f.write(("" if first else ",") + _dump(ann))
+                    f.write(("" if first else ",") + dump_json(ann))
                     first = False
         f.write("]}")
         f.flush()

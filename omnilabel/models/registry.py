@@ -129,30 +129,28 @@ def _sam(name: str, stem: str, sha256: str, size_bytes: int, label: str) -> Weig
     )
 
 
-def _gdino(name: str, label: str) -> WeightSpec:
-    repo = f"IDEA-Research/{name}"
+def _hf_directory(name: str, kind: WeightKind, repo: str, filenames: tuple[str, ...], description: str) -> WeightSpec:
+    """A checkpoint that is a Hugging Face repository's folder in ``transformers`` format."""
     # The Hugging Face files carry no sha256 or size here: they are checked only for being complete.
     return WeightSpec(
         name=name,
-        kind="gdino",
-        files=tuple(WeightFile(f, _HF_URL.format(repo=repo, filename=f)) for f in _GDINO_FILES),
-        description=f"Grounding DINO {label} ({repo}, transformers format)",
+        kind=kind,
+        files=tuple(WeightFile(f, _HF_URL.format(repo=repo, filename=f)) for f in filenames),
+        description=description,
         license="Apache-2.0",
         architecture=repo,
     )
+
+
+def _gdino(name: str, label: str) -> WeightSpec:
+    repo = f"IDEA-Research/{name}"
+    return _hf_directory(name, "gdino", repo, _GDINO_FILES, f"Grounding DINO {label} ({repo}, transformers format)")
 
 
 def _resnet(depth: int) -> WeightSpec:
-    name = f"resnet-{depth}"
-    repo = f"microsoft/{name}"
-    return WeightSpec(
-        name=name,
-        kind="resnet",
-        files=tuple(WeightFile(f, _HF_URL.format(repo=repo, filename=f)) for f in _RESNET_FILES),
-        description=f"ResNet-{depth}, ImageNet-1k ({repo}, transformers format): a student backbone",
-        license="Apache-2.0",
-        architecture=repo,
-    )
+    name, repo = f"resnet-{depth}", f"microsoft/resnet-{depth}"
+    return _hf_directory(name, "resnet", repo, _RESNET_FILES,
+                         f"ResNet-{depth}, ImageNet-1k ({repo}, transformers format): a student backbone")
 
 
 REGISTRY: dict[str, WeightSpec] = {
