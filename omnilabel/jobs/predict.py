@@ -151,7 +151,7 @@ def run_predict(inputs: PredictInputs, output: str | Path, job: JobOptions | Non
     jobdir.open(manifest, overwrite=job.overwrite)
     worker_args = (str(run_dir), str(ckpt.resolve()), config, job.device)
     skipped = run_unfinished_shards(jobdir, shards, worker_args=lambda: worker_args,
-                                    executor=executor or executor_for(job, PredictWorker, task_from_dict),
+                                    executor=executor or executor_for(job, PredictWorker, task_from_dict, on_event),
                                     on_event=on_event)
     errors_path = jobdir.path / "errors.jsonl"
     summary: dict[str, Any] = merge_results(jobdir, len(shards), output=output, errors_path=errors_path)

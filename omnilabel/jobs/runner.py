@@ -42,13 +42,15 @@ Executor = Callable[[tuple, dict[int, list[Any]]], Iterable[tuple[int, list[dict
 
 
 
-def executor_for(job: JobOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any]) -> Executor:
+def executor_for(job: JobOptions, worker_factory: Callable[..., Any], decode: Callable[[Any], Any],
+                 on_event: OnEvent | None = None) -> Executor:
     """The executor ``job`` asks for: in this process with 0 workers, else a Ray actor pool of its workers.
 
     Args:
         job: the job options.
         worker_factory: the job's worker class, ``worker_factory(*worker_args)(tasks) -> records``.
         decode: turns one task's JSON dict back into a task (how tasks travel to Ray actors).
+        on_event: gets the executor's ``warning`` events (on Ray: a lost worker, a niced one).
     """
     if job.in_process:
         def in_process(worker_args: tuple, shards: dict[int, list[Any]]) -> Iterable[tuple[int, list[dict]]]:
@@ -57,7 +59,7 @@ def executor_for(job: JobOptions, worker_factory: Callable[..., Any], decode: Ca
         return in_process
     from omnilabel.jobs.ray_runner import ray_executor
 
-    return ray_executor(job, worker_factory, decode)
+    return ray_executor(job, worker_factory, decode, on_event)
 
 
 def check_images_exist(paths: Sequence[str | Path], *, images_dir: Path, source: str,

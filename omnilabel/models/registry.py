@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -31,19 +32,24 @@ from typing import Literal
 
 from omnilabel.errors import CheckpointError
 from omnilabel.events import OnEvent, emit
+from omnilabel.io import file_sha256
 
 __all__ = [
     "REGISTRY",
     "WeightFile",
     "WeightKind",
+    "WeightRef",
     "WeightSpec",
     "cache_dir",
     "download",
     "is_cached",
     "list_weights",
+    "locate",
+    "node_name",
     "offline",
     "resolve",
     "weight_path",
+    "weight_ref",
 ]
 
 WeightKind = Literal["sam", "gdino", "clip", "resnet"]
@@ -358,3 +364,109 @@ def resolve(name_or_path: str | os.PathLike[str], *, kind: WeightKind, allow_dow
     if not allow_download:
         raise CheckpointError(_missing_message(spec, "downloading was not allowed"))
     return download(name, on_event=on_event)
+
+
+# --- Weights on the node that uses them -------------------------------------------------------------------------
+#
+# A job's driver does not hand its own paths to workers on other machines: it sends ``WeightRef``s (a registry
+# name with the files its registry records, or a path, with the sha256 of a file that must be the very one the
+# driver read), and each worker turns them into paths on its own node (``locate``): names in that node's cache
+# (``$OMNILABEL_CACHE`` there), downloading only where that node allows it; paths checked to exist there.
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A model as the driver names it, for a worker to find on its own node. Plain data (it pickles).
+
+    Attributes:
+        kind: what it is (``sam``, ``gdino``, ``clip``, ``resnet``, or ``teacher`` for a fine-tuned teacher
+            file); for messages and for a name's registry kind.
+        source: a registry name, or an absolute path to a file or folder.
+        is_name: whether ``source`` is a registry name.
+        files: for a name, ``(filename, sha256 or None)`` of each file in the driver's registry: a worker whose
+            omnilabel records the name differently refuses it rather than load other weights.
+        sha256: for a path that must be the very file the driver read (a teacher file, a student checkpoint),
+            its sha256; None: presence is checked only.
+    """
+
+    kind: str
+    source: str
+    is_name: bool = False
+    files: tuple[tuple[str, str | None], ...] = ()
+    sha256: str | None = None
+
+
+def node_name() -> str:
+    """This machine's host name, as errors from a worker name its node."""
+    return socket.gethostname()
+
+
+def weight_ref(name_or_path: str | os.PathLike[str], *, kind: str, sha256: str | None = None) -> WeightRef:
+    """What a driver sends for a checkpoint argument (nothing is downloaded or read here).
+
+    An existing path becomes an absolute path; a registry name of ``kind`` stays a name (with the files and
+    checksums of this registry); anything else that looks like a path (a separator, a suffix) is kept as a
+    path that only the workers' nodes may have (a driver on a laptop, weights on the cluster's storage).
+
+    Args:
+        name_or_path: a path or a registry name.
+        kind: the model family expected (a registry kind, or ``teacher``).
+        sha256: the sha256 the file at a path must have on every node (None: not checked).
+
+    Raises:
+        CheckpointError: neither a path nor a known name of this kind.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return WeightRef(kind, str(path.resolve()), sha256=sha256)
+    spec = REGISTRY.get(text)
+    if spec is not None and spec.kind == kind:
+        return WeightRef(kind, text, is_name=True, files=tuple((wf.filename, wf.sha256) for wf in spec.files))
+    if os.sep in text or "/" in text or path.suffix:
+        return WeightRef(kind, str(path.absolute()), sha256=sha256)
+    # Not a path: the errors of ``resolve`` (unknown name, or a name of another kind).
+    resolve(text, kind=kind, allow_download=False)  # type: ignore[arg-type]
+    raise AssertionError("unreachable: resolve raises for a missing path that is not a name of this kind")
+
+
+def locate(ref: WeightRef, *, allow_download: bool = True, on_event: OnEvent | None = None) -> Path:
+    """Where ``ref`` is on this node: a name in this node's cache (downloaded first where allowed and
+    missing), or its path, checked to exist (and to have the driver's sha256 when the ref has one).
+
+    Raises:
+        CheckpointError: the name is recorded differently here than on the driver; it is missing here and
+            cannot be downloaded; the path is missing here or is another file than the driver's. Each message
+            names this node and what to do (storage every node sees, or ``weights download`` on every node).
+    """
+    node = node_name()
+    if ref.is_name:
+        spec = REGISTRY.get(ref.source)
+        here = tuple((wf.filename, wf.sha256) for wf in spec.files) if spec is not None else None
+        if here != ref.files:
+            raise CheckpointError(
+                f"node {node}: checkpoint {ref.source!r} is not the same here as on the driver (this node's "
+                f"omnilabel {'does not know it' if here is None else 'records other files for it'}); install "
+                "the same omnilabel version on every node")
+        if is_cached(ref.source):
+            return weight_path(ref.source)
+        if not allow_download or offline():
+            reason = "downloads are disabled there" + (f" ({OFFLINE_ENV} is set)" if offline() else "")
+            raise CheckpointError(f"node {node}: " + _missing_message(_spec(ref.source), reason) + (
+                f"\nOn a cluster: run `omnilabel weights download {ref.source}` on every node, or set "
+                f"{CACHE_ENV} to a folder every node sees."))
+        try:
+            return download(ref.source, on_event=on_event)
+        except CheckpointError as exc:
+            raise CheckpointError(f"node {node}: {exc}") from exc
+    path = Path(ref.source)
+    if not path.exists():
+        raise CheckpointError(
+            f"node {node}: {ref.kind} {path} does not exist on this node. Every node must see the same file at "
+            "the same path: put it on storage all nodes mount, or copy it to that path on every node")
+    if ref.sha256 is not None:
+        if file_sha256(path) != ref.sha256:
+            raise CheckpointError(
+                f"node {node}: {ref.kind} {path} is not the file the driver read (sha256 differs); every node "
+                "must see the same file at that path")
+    return path

@@ -15,17 +15,20 @@ teacher trained on another encoder is refused.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omnilabel.errors import CheckpointError, InputError
 from omnilabel.events import OnEvent
+from omnilabel.io import file_sha256
 from omnilabel.teachers.pipeline import Teachers
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
+    from omnilabel.models.registry import WeightRef
     from omnilabel.teachers.sam import SamTeacher, SamTeacherConfig
     from omnilabel.teachers.teacher_ckpt import TeacherFile
 
@@ -112,33 +115,57 @@ def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
     return next((tf for tf in files.values() if tf.encoder_included), None)
 
 
-def resolve_paths(spec: TeacherSpec, *, load_detector: bool, on_event: OnEvent | None = None) -> dict[str, Path]:
-    """Local paths of every model the job needs, downloading named ones first (before any image is read).
+def model_refs(spec: TeacherSpec, *, load_detector: bool) -> dict[str, WeightRef]:
+    """What the driver sends its workers: every model the job needs, as names and paths (nothing is
+    downloaded; teacher files are read here, and carry their sha256 so that each worker checks it has the same).
 
     Keys: ``sam`` (unless a teacher holds the encoder), each role given, ``clip`` (class-aware teachers),
-    ``detector`` (when ``load_detector`` and the spec has one). ``on_event`` gets ``download`` events.
+    ``detector`` (when ``load_detector`` and the spec has one).
 
     Raises:
-        CheckpointError: a model is missing and cannot be downloaded (the message says what to do), or a
-            teacher file is missing or unreadable.
+        CheckpointError: a teacher file is missing or unreadable; a name is unknown; the teachers disagree on
+            their CLIP.
     """
-    from omnilabel.models.registry import resolve
+    from omnilabel.models.registry import weight_ref
 
     spec = spec.with_base()
     files = _read_files(spec)
-    paths: dict[str, Path] = {role: tf.path for role, tf in files.items()}
+    shas = {str(tf.path): file_sha256(tf.path) for tf in files.values()}
+    refs = {role: weight_ref(tf.path, kind="teacher", sha256=shas[str(tf.path)]) for role, tf in files.items()}
     if _encoder_file(files) is None:
-        paths["sam"] = resolve(str(spec.sam), kind="sam", on_event=on_event)
+        refs["sam"] = weight_ref(str(spec.sam), kind="sam")
     clip_teachers = [tf for tf in files.values() if tf.class_aware]
     if clip_teachers:
         sources = {tf.clip["source"] for tf in clip_teachers if tf.clip}
         if spec.clip is None and len(sources) > 1:
             raise CheckpointError(f"the teachers were trained with different CLIPs ({', '.join(sorted(sources))})")
-        paths["clip"] = resolve(spec.clip or sources.pop(), kind="clip", on_event=on_event)
+        refs["clip"] = weight_ref(spec.clip or sources.pop(), kind="clip")
     if load_detector and spec.has_detector:
-        paths["detector"] = resolve(spec.detector, kind="gdino", on_event=on_event)
-    # Absolute: Ray workers do not run in the driver's working directory.
-    return {key: Path(path).resolve() for key, path in paths.items()}
+        refs["detector"] = weight_ref(spec.detector, kind="gdino")
+    return refs
+
+
+def resolve_refs(models: Mapping[str, WeightRef | Path], *, on_event: OnEvent | None = None) -> dict[str, Path]:
+    """Local paths on this node of ``models`` (``model_refs``; a ``Path`` is taken as already local).
+
+    Raises:
+        CheckpointError: a model is not on this node and cannot be downloaded here, or a teacher file here is
+            not the one the driver read (the message names the node and what to do).
+    """
+    from omnilabel.models.registry import locate
+
+    return {key: (m if isinstance(m, Path) else locate(m, on_event=on_event)).resolve() for key, m in models.items()}
+
+
+def resolve_paths(spec: TeacherSpec, *, load_detector: bool, on_event: OnEvent | None = None) -> dict[str, Path]:
+    """Local paths of every model the job needs, downloading named ones first (``model_refs`` then
+    ``resolve_refs`` on this machine).
+
+    Raises:
+        CheckpointError: a model is missing and cannot be downloaded (the message says what to do), or a
+            teacher file is missing or unreadable.
+    """
+    return resolve_refs(model_refs(spec, load_detector=load_detector), on_event=on_event)
 
 
 def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict[int, str] | None = None) -> Teachers:
