@@ -8,7 +8,7 @@ is recorded (``errors.jsonl`` in the job directory) and the job goes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.merge import merge_shards
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, run_unfinished_shards
-from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, resolve_paths
+from omnilabel.models.registry import WeightRef
+from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, model_refs, resolve_refs
 from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline
-from omnilabel.teachers.teacher_ckpt import read_teacher
 
 #: Images per shard (``--batch-size``): the unit of resume (and, on Ray, of scheduling).
 DEFAULT_SHARD_SIZE = 16
@@ -61,13 +61,15 @@ class PseudomaskWorker:
 
     Args:
         spec: which models to load.
-        paths: their local paths (``resolve_paths``).
+        models: role → ``WeightRef`` from the driver (``model_refs``), found on this worker's node (downloaded
+            into its cache where allowed), or an already local ``Path``.
         categories: category id → name of the dataset.
         config: the pipeline setting.
     """
 
-    def __init__(self, spec: TeacherSpec, paths: dict[str, Path], categories: dict[int, str],
+    def __init__(self, spec: TeacherSpec, models: Mapping[str, WeightRef | Path], categories: dict[int, str],
                  config: PipelineConfig) -> None:
+        paths = resolve_refs(models)
         self.pipeline = PseudomaskPipeline(load_teachers(spec, paths, categories=categories), categories,
                                            config=config)
 
@@ -186,20 +188,24 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
                 "pipeline": asdict(config.pipeline), "teacher": {**asdict(spec), "device": None},
                 "models": {"sam": model_id(str(spec.sam)),
                            "detector": model_id(spec.detector) if load_detector else None}}
+    # Teacher files are read (a missing or foreign one fails here, before the job directory is written) and
+    # hashed once; workers get names and paths and find them on their own nodes.
+    refs = model_refs(spec, load_detector=load_detector)
     for role, path in spec.teacher_files().items():
-        read_teacher(path)  # a missing or foreign file fails here, before the job directory is written
         manifest["models"][role] = model_id(path)
-        manifest["models"][role + "_sha256"] = file_sha256(path)
+        manifest["models"][role + "_sha256"] = refs[role].sha256
     jobdir.open(manifest, overwrite=job.overwrite)
     kept = {p.image_id for p in plan.kept}
     data = {**data, "images": [im for im in data["images"] if int(im["id"]) in kept]}
 
     def worker_args() -> tuple:
-        return (spec, resolve_paths(spec, load_detector=load_detector, on_event=on_event), category_names(data),
-                config.pipeline)
+        if job.address is None:
+            # Every worker runs on this machine: fetch named weights here first, with progress.
+            resolve_refs(refs, on_event=on_event)
+        return (spec, refs, category_names(data), config.pipeline)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
-                                    executor=executor or executor_for(job, PseudomaskWorker, task_from_dict),
+                                    executor=executor or executor_for(job, PseudomaskWorker, task_from_dict, on_event),
                                     on_event=on_event)
     header = {k: v for k, v in data.items() if k != "annotations"}
     header["info"] = {**(data.get("info") or {}), "omnilabel": {"command": "pseudomask",
