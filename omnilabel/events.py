@@ -8,6 +8,8 @@ with plain dicts; they never print. The command line turns events into progress 
   (first with the work resumed from an earlier run).
 - ``warning``: ``message``, one line a person should read (images left out, missing files).
 - ``download``: ``file``, ``done`` and ``total`` bytes (``total`` None when unknown).
+- ``worker``: a Ray worker of a per-image job is up: ``node`` (host name), ``node_id`` (Ray's), ``pid``,
+  ``threads``, ``nice``.
 - Training: ``start`` (``step``, ``total_steps``, and for epochs ``steps_per_epoch``, ``epochs``;
   ``resumed_from``), ``step`` (``step``, ``loss``, ``lr``, and ``images_per_s`` where measured), ``epoch``
   (``epoch``, ``step``, ``val`` metrics and ``best`` with validation), ``checkpoint``, ``done``; the same

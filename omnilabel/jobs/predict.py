@@ -36,6 +36,7 @@ from omnilabel.jobs.runner import (
     executor_for,
     run_unfinished_shards,
 )
+from omnilabel.models.registry import WeightRef
 from omnilabel.students.inference import PredictConfig
 from omnilabel.students.predict import PredictTask, PredictWorker, list_images, task_from_dict
 from omnilabel.students.run import find_checkpoint, read_student
@@ -149,7 +150,8 @@ def run_predict(inputs: PredictInputs, output: str | Path, job: JobOptions | Non
                 "images_sha256": text_sha256(plan), "n_images": len(tasks), "shard_size": batch,
                 "config": asdict(config)}
     jobdir.open(manifest, overwrite=job.overwrite)
-    worker_args = (str(run_dir), str(ckpt.resolve()), config, job.device)
+    ckpt_ref = WeightRef("student checkpoint", str(ckpt.resolve()), sha256=manifest["checkpoint_sha256"])
+    worker_args = (str(run_dir), ckpt_ref, config, job.device)
     skipped = run_unfinished_shards(jobdir, shards, worker_args=lambda: worker_args,
                                     executor=executor or executor_for(job, PredictWorker, task_from_dict, on_event),
                                     on_event=on_event)

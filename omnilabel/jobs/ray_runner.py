@@ -133,6 +133,24 @@ def _send_ray_logging_to_file(buffer: logging.handlers.MemoryHandler) -> None:
         logger.removeHandler(handler)
     logger.addHandler(target)
     logger.propagate = False
+    _send_ray_messages_to_log()
+
+
+def _send_ray_messages_to_log() -> None:
+    """Ray's driver prints the cluster's error messages (a raylet that died, with its last log lines) to this
+    process's stdout from a background thread; they go to the driver log instead. The job reports what it
+    does about them itself (a lost worker is a warning). Ray's private hook: left alone if it is not there."""
+    from ray._private import worker
+
+    if not callable(getattr(worker, "print_to_stdstream", None)):
+        return
+    log = logging.getLogger("ray.driver_messages")
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            log.warning("(%s) %s", data.get("pid", "ray"), line)
+
+    worker.print_to_stdstream = to_log
 
 
 def init_ray(job: JobOptions) -> None:
@@ -187,7 +205,7 @@ class _ShardActor:
         import ray
 
         assigned = ray.get_runtime_context().get_assigned_resources()
-        self.info: dict[str, Any] = {"node": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+        self.info: dict[str, Any] = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                                      "pid": os.getpid(), "nice": os.nice(0),
                                      "threads": set_worker_threads(assigned.get("CPU", 1.0)), "error": None}
         self.decode = decode
@@ -227,7 +245,8 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
         shards: shard index → tasks (dataclasses of plain data with an ``image_id``).
         job: Ray address, workers, device.
         decode: turns one task's JSON dict back into a task.
-        on_event: ``warning`` events: a lost worker, a worker running at low priority.
+        on_event: a ``worker`` event as each actor is up; ``warning`` events: a lost worker, a worker running
+            at low priority.
 
     Raises:
         WorkerStartError: a worker could not build its models (the worker's message and node).
@@ -318,10 +337,12 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
                 lose(slot, _actor_error(exc))
                 continue
             if info["error"] is not None:
-                error = info["error"]
-                raise WorkerStartError(f"a Ray worker on node {info['node']} could not start: {error['message']}"
+                error, node = info["error"], info["node"]
+                message = str(error["message"]).removeprefix(f"node {node}: ")
+                raise WorkerStartError(f"a Ray worker on node {node} could not start: {message}"
                                        ) from RemoteTraceback(error["traceback"])
             slot.info = info
+            emit(on_event, "worker", **{k: info[k] for k in ("node", "node_id", "pid", "threads", "nice")})
             if info["nice"] > 0 and not niced_warned:
                 niced_warned = True
                 emit(on_event, "warning", message=(
@@ -344,8 +365,10 @@ def _failed_shard(tasks: list[Any], slot: _Slot, exc: BaseException) -> list[dic
 
 
 def _actor_error(exc: BaseException) -> str:
+    """A lost actor's error in a few words: its type and the start of its first line."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:100]}{'…' if len(first) > 100 else ''}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,10 +12,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omnilabel.errors import InputError
 from omnilabel.students.inference import PredictConfig, coco_results, predict_images
+
+if TYPE_CHECKING:
+    from omnilabel.models.registry import WeightRef
 
 #: File extensions listed as images when no COCO file names them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -38,15 +41,19 @@ class PredictWorker:
     """Loads the student once, then predicts image tasks. The unit a job runs in-process or on an actor.
 
     Args:
-        run_dir: the training run directory. checkpoint: ``best``, ``last``, a path, or None (best, else last).
+        run_dir: the training run directory. checkpoint: ``best``, ``last``, a path, None (best, else last), or
+            the driver's ``WeightRef`` of its file (checked to be on this worker's node, with the driver's sha256).
         config: score threshold, top-k, batch size. device: ``cpu``, ``cuda``, ``cuda:1`` …
     """
 
-    def __init__(self, run_dir: str, checkpoint: str | None, config: PredictConfig, device: str) -> None:
+    def __init__(self, run_dir: str, checkpoint: str | WeightRef | None, config: PredictConfig, device: str) -> None:
         import torch
 
+        from omnilabel.models.registry import WeightRef, locate
         from omnilabel.students.run import eval_sizes, load_student
 
+        if isinstance(checkpoint, WeightRef):
+            checkpoint = str(locate(checkpoint))
         self.device = torch.device(device)
         self.model, student = load_student(run_dir, checkpoint=checkpoint)
         self.model.to(self.device)
