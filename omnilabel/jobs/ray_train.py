@@ -2,8 +2,8 @@
 
 A ``TorchTrainer`` runs the trainer's loop on ``JobOptions.workers`` workers with DDP (NCCL with one GPU each
 under ``cuda``, gloo on CPUs); each worker reserves ``ray_runner.worker_resources`` (a fraction of a CPU on
-CPU-only runs, so that N workers fit on N cores beside Ray's own tasks) and runs the torch threads the loop's
-setup carries (``JobOptions.threads_per_worker``). Worker 0 appends one JSON line per event to the run's log
+CPU-only runs, so that N workers fit on N cores beside Ray's own tasks) and runs as many torch threads as its
+own node's cores shared by the workers on that node. Worker 0 appends one JSON line per event to the run's log
 (``metrics.jsonl``, ``log.jsonl``); the driver follows that file and hands each record to ``on_event``, so a
 person sees the same display as in-process. Ray Train's own bookkeeping goes under ``RUN_DIR/ray``. A failed
 worker group is restarted ``MAX_RETRIES`` times and the loop continues from the last checkpoint; after that
@@ -15,6 +15,8 @@ exists when ``world_size`` > 1.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,12 @@ def _worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     device = str(ray.train.torch.get_device()) if config["gpu"] else "cpu"
-    config["loop"](config["setup"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device)
+    setup = config["setup"]
+    if dataclasses.is_dataclass(setup) and getattr(setup, "threads", None):
+        # This node's cores shared by the workers on this node (the driver's machine may be another).
+        threads = max((os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1), 1)
+        setup = dataclasses.replace(setup, threads=threads)
+    config["loop"](setup, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device)
 
 
 def fit_on_ray(loop: Loop, setup: Any, *, job: JobOptions, name: str, run_dir: str | Path, log: str | Path,
