@@ -115,3 +115,45 @@ def test_a_crashed_actor_is_restarted_and_its_shard_retried(tmp_path):
     assert marker.exists(), "the worker should have crashed once"
     assert sorted(got) == [0, 1, 2, 3]
     assert [r["image_id"] for r in got[1]] == [2]
+
+
+class _ReportWorker:
+    """Reports, per task, the threads and priority its Ray worker process runs with."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __call__(self, tasks):
+        import torch
+
+        time.sleep(1.0)  # long enough that every worker of the pool starts before the job ends
+        return [{"image_id": t.image_id, "pid": os.getpid(), "torch": torch.get_num_threads(),
+                 "omp": os.environ.get("OMP_NUM_THREADS"), "mkl": os.environ.get("MKL_NUM_THREADS"),
+                 "nice": os.nice(0)} for t in tasks]
+
+
+def _task_from_dict(d):
+    return _Task(int(d["image_id"]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_workers_share_the_cores_at_normal_priority(workers):
+    from ray import cloudpickle
+
+    from omnilabel.jobs.options import JobOptions
+    from omnilabel.jobs.ray_runner import run_on_ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shards = {i: [_Task(i + 1)] for i in range(6)}
+    events: list[dict] = []
+    got = dict(run_on_ray(_ReportWorker, (), shards, decode=_task_from_dict, job=JobOptions(num_workers=workers),
+                          on_event=events.append))
+    records = [r for recs in got.values() for r in recs]
+    expected = max((os.cpu_count() or 1) // workers, 1)
+    assert {r["torch"] for r in records} == {expected}
+    assert {r["omp"] for r in records} == {r["mkl"] for r in records} == {str(expected)}
+    assert {r["nice"] for r in records} == {0}, "the local Ray must run its workers at normal priority"
+    started = [e for e in events if e["event"] == "worker"]
+    assert len({e["pid"] for e in started}) == workers
+    assert [e["threads"] for e in started] == [expected] * workers
+    assert not [e for e in events if e["event"] == "warning"]
