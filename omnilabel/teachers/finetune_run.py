@@ -267,6 +267,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         JobError: the checkpoint in the run directory belongs to another run.
         InputError: an unreadable or mis-sized image.
     """
+    from omnilabel.models.registry import WeightRef, locate
     from omnilabel.models.sam_loader import load_sam, sam_arch_from_state_dict
 
     cfg = setup.config
@@ -274,7 +275,10 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         torch.set_num_threads(setup.threads)
     dev = torch.device(device)
     paths = RunPaths(setup.run_dir)
-    sam = load_sam(setup.base_path, device=device)
+    # The driver resolved the base SAM (it hashes its encoder); on a cluster this worker's node must see the
+    # same file: the registry's check names the node and what to do.
+    base = locate(WeightRef("base SAM", setup.base_path))
+    sam = load_sam(base, device=device)
     arch = asdict(sam_arch_from_state_dict(sam.state_dict()))
     cache, encoded = None, 0
     if not cfg.train_encoder:
