@@ -277,3 +277,64 @@ def test_resnet_offline_error_names_the_files_and_the_folder(tmp_path, monkeypat
     assert not folder.exists()
     with pytest.raises(CheckpointError, match="resnet-18, resnet-34, resnet-50, resnet-101, resnet-152"):
         resolve("resnet-77", kind="resnet")
+
+
+# --- weights found on the node that uses them ---------------------------------------------------------------
+
+
+def test_a_ref_keeps_a_name_as_a_name_and_makes_a_path_absolute(tmp_path, monkeypatch):
+    ckpt = tmp_path / "sam.pth"
+    ckpt.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    by_path = registry.weight_ref("sam.pth", kind="sam")
+    assert not by_path.is_name and by_path.source == str(ckpt)
+    by_name = registry.weight_ref("vit_b", kind="sam")
+    assert by_name.is_name and by_name.files == (("sam_vit_b_01ec64.pth", REGISTRY["vit_b"].files[0].sha256),)
+    # A path the driver lacks may still be on the workers' nodes (weights only on the cluster's storage).
+    assert registry.weight_ref("/cluster/weights/sam.pth", kind="sam").source == "/cluster/weights/sam.pth"
+    with pytest.raises(CheckpointError, match="known sam names"):
+        registry.weight_ref("vit_z", kind="sam")
+    assert not (tmp_path / "cache").exists(), "making a ref must not download"
+
+
+def test_locate_finds_a_name_in_this_nodes_cache_and_downloads_it_where_allowed(tmp_path, monkeypatch,
+                                                                                local_urlopen):
+    content = b"sam weights"
+    url = _serve(tmp_path, "tiny.pth", content)
+    files = (WeightFile("tiny.pth", url, hashlib.sha256(content).hexdigest()),)
+    _register(monkeypatch, WeightSpec("tiny-sam", "sam", files, "t", "MIT"))
+    ref = registry.weight_ref("tiny-sam", kind="sam")
+    assert registry.locate(ref).read_bytes() == content
+    assert registry.locate(ref) == weight_path("tiny-sam")
+
+
+def test_locate_offline_names_the_node_and_says_to_download_on_every_node(monkeypatch):
+    ref = registry.weight_ref("vit_b", kind="sam")
+    monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as err:
+        registry.locate(ref)
+    message = str(err.value)
+    assert message.startswith(f"node {registry.node_name()}: ")
+    assert "omnilabel weights download vit_b` on every node" in message
+    assert str(weight_path("vit_b")) in message
+
+
+def test_locate_refuses_a_name_this_node_records_differently(monkeypatch):
+    ref = registry.weight_ref("vit_b", kind="sam")
+    other = WeightSpec("vit_b", "sam", (WeightFile("sam_vit_b_01ec64.pth", "https://x", "0" * 64),), "t", "MIT")
+    monkeypatch.setitem(REGISTRY, "vit_b", other)
+    with pytest.raises(CheckpointError, match="not the same here as on the driver"):
+        registry.locate(ref)
+
+
+def test_locate_checks_a_path_exists_here_and_is_the_drivers_file(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"teacher v1")
+    ref = registry.weight_ref(teacher, kind="teacher", sha256=hashlib.sha256(b"teacher v1").hexdigest())
+    assert registry.locate(ref) == teacher
+    teacher.write_bytes(b"teacher v2")
+    with pytest.raises(CheckpointError, match="not the file the driver read"):
+        registry.locate(ref)
+    teacher.unlink()
+    with pytest.raises(CheckpointError, match=f"^node {registry.node_name()}: teacher .* does not exist on this node"):
+        registry.locate(ref)
