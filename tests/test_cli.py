@@ -136,3 +136,27 @@ def test_usage_error_exit_code(capsys):
     code, _, err = run(capsys, "split")
     assert code == 2
     assert "Missing argument" in err or "COCO" in err
+
+
+def test_pseudomask_throughput_flags_change_speed_not_output_nor_the_job(capsys, shapes, tmp_path, tiny_sam_path):
+    from omnilabel.data.weak import split_coco
+
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps(split_coco(json.loads(shapes.read_text()), fully=0.0, weak="boxes", seed=0)))
+    common = ["pseudomask", weak, "--weak", "boxes", "--images", shapes.parent / "images", "--sam", tiny_sam_path,
+              "--detector", "none", "--num-workers", "0", "--batch-size", "8"]
+    for flags, message in ((["--encoder-batch", "0"], "--encoder-batch must be an integer >= 1"),
+                           (["--prefetch", "-1"], "--prefetch must be an integer >= 0")):
+        code, _, err = run(capsys, *common, *flags, "-o", tmp_path / "bad.json")
+        assert code == 1 and message in err
+        assert not (tmp_path / "bad.json").exists() and not (tmp_path / "bad.job").exists()
+    code, _, err = run(capsys, *common, "-o", tmp_path / "a.json")
+    assert code == 0, err
+    code, _, err = run(capsys, *common, "--encoder-batch", "3", "--prefetch", "0", "-o", tmp_path / "b.json")
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["annotations"] and a["annotations"] == b["annotations"]
+    # not part of the job: a finished job resumed with other values recomputes nothing
+    code, stdout, err = run(capsys, *common, "--encoder-batch", "5", "--prefetch", "4", "-o", tmp_path / "a.json")
+    assert code == 0, err
+    assert "shards resumed (not recomputed)" in stdout

@@ -59,6 +59,10 @@ def pseudomask(
              "with]; loaded only when a teacher has a class module.")] = None,
     box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
     nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
+    encoder_batch: Annotated[int, typer.Option(
+        help="Images per SAM encoder forward pass; larger helps a GPU, output unchanged.")] = 1,
+    prefetch: Annotated[int, typer.Option(
+        help="Images read ahead on a background thread; 0 = off.")] = 2,
     num_workers: NumWorkers = None,
     address: Address = None,
     device: Device = "cpu",
@@ -75,7 +79,7 @@ def pseudomask(
     it after an interruption. Default `--batch-size`: 16 images per shard.
     """
     from omnilabel.jobs.options import Dataset
-    from omnilabel.jobs.pseudomask import PseudomaskConfig, run_pseudomask
+    from omnilabel.jobs.pseudomask import PseudomaskConfig, Throughput, run_pseudomask
     from omnilabel.teachers.loading import TeacherSpec
     from omnilabel.teachers.pipeline import PipelineConfig
 
@@ -85,7 +89,8 @@ def pseudomask(
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou,
                        clip=clip, **{k: str(v) for k, v in roles.items() if v is not None})
     config = PseudomaskConfig(teachers=spec, pipeline=PipelineConfig(weak=weak, box_threshold=box_threshold,
-                                                                      refine=refine))
+                                                                      refine=refine),
+                              throughput=Throughput(encoder_batch=encoder_batch, prefetch=prefetch))
     target = output or default_output(coco, ".pseudo.json")
     with events("pseudomask") as on_event:
         summary = run_pseudomask(Dataset(coco, images, allow_outside_images), target, job, config,

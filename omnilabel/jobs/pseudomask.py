@@ -7,6 +7,7 @@ is recorded (``errors.jsonl`` in the job directory) and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,11 +33,37 @@ DEFAULT_SHARD_SIZE = 16
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """How fast a worker labels its images; the output does not depend on it.
+
+    Not part of the job manifest, so a job may be resumed with other values. Plain data: it travels to
+    Ray workers pickled inside the worker arguments.
+
+    Attributes:
+        encoder_batch: images per SAM encoder forward pass (``--encoder-batch``). 1 (the default) suits a
+            CPU; a GPU encodes several images per pass faster, memory permitting (an out-of-memory pass is
+            retried one image at a time).
+        prefetch: images read and decoded ahead on a background thread (``--prefetch``), overlapping the
+            reads with the models; 0 reads in the worker's own thread. 2 keeps a GPU fed at little memory.
+    """
+
+    encoder_batch: int = 1
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder_batch, bool) or not isinstance(self.encoder_batch, int) or self.encoder_batch < 1:
+            raise InputError(f"--encoder-batch must be an integer >= 1, got {self.encoder_batch!r}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise InputError(f"--prefetch must be an integer >= 0 (0: no read-ahead), got {self.prefetch!r}")
+
+
+@dataclass(frozen=True)
 class PseudomaskConfig:
-    """What a pseudomask job computes: the models, and the setting with its thresholds."""
+    """What a pseudomask job computes (the models, the setting with its thresholds), and how fast."""
 
     teachers: TeacherSpec = field(default_factory=TeacherSpec)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    throughput: Throughput = field(default_factory=Throughput)
 
 
 @dataclass(frozen=True)
@@ -65,61 +92,75 @@ class PseudomaskWorker:
             into its cache where allowed), or an already local ``Path``.
         categories: category id → name of the dataset.
         config: the pipeline setting.
+        throughput: encoder batch and read-ahead (``Throughput``; default ``Throughput()``).
     """
 
     def __init__(self, spec: TeacherSpec, models: Mapping[str, WeightRef | Path], categories: dict[int, str],
-                 config: PipelineConfig) -> None:
+                 config: PipelineConfig, throughput: Throughput | None = None) -> None:
+        self.throughput = throughput if throughput is not None else Throughput()
         paths = resolve_refs(models)
         self.pipeline = PseudomaskPipeline(load_teachers(spec, paths, categories=categories), categories,
                                            config=config)
 
     def __call__(self, tasks: Sequence[ImageTask]) -> list[dict[str, Any]]:
-        """One record per task: ``annotations``, ``counts``, ``seconds``, or ``error`` for a bad image."""
-        from omnilabel.data.images import read_image_rgb
+        """One record per task, in task order: ``annotations``, ``counts``, ``seconds``, or ``error``.
 
-        records = []
-        for task in tasks:
-            rec: dict[str, Any] = {"image_id": task.image_id}
-            try:
-                t0 = time.perf_counter()
-                image = read_image_rgb(task.path)
-                read_s = time.perf_counter() - t0
-            except InputError as exc:
-                rec.update(file_name=task.path, error=str(exc))
-                records.append(rec)
-                continue
-            try:
-                result = self._label_with_oom_retry(image, task)
-            except MemoryError as exc:
-                rec.update(file_name=task.path, error=f"out of memory: {exc}")
-                records.append(rec)
-                continue
-            seconds = dict(result.seconds)
-            seconds["read"] = read_s
-            rec.update(annotations=result.annotations, counts=dict(result.counts), seconds=seconds)
-            records.append(rec)
-        return records
-
-    def _label_with_oom_retry(self, image: Any, task: ImageTask) -> Any:
-        """Label one image. Out-of-memory in SAM's decoder is handled there (the prompt batch is halved and
-        retried, down to one prompt); out-of-memory anywhere else (the encoder on a huge image, the
-        detector) fails this image only.
-
-        Raises:
-            MemoryError: the image cannot be labelled in the memory available.
+        Images are read ahead on a background thread (``Throughput.prefetch``) and labelled in chunks of
+        ``Throughput.encoder_batch`` (``PseudomaskPipeline.label_images``). A missing or undecodable image,
+        or one that cannot be labelled in the memory available, gets an ``error`` record; the others go on.
+        ``seconds["read"]`` is the time spent reading that image, on whichever thread read it.
         """
-        import torch
+        from omnilabel.data.prefetch import prefetch_images
 
-        try:
-            return self.pipeline.label_image(image, task.annotations, task.plan)
-        except torch.OutOfMemoryError as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise MemoryError(str(exc)) from exc
+        records: list[dict[str, Any] | None] = [None] * len(tasks)
+        chunk: list[tuple[int, Any, float]] = []
+        reads = prefetch_images([task.path for task in tasks], depth=self.throughput.prefetch, read=_timed_read)
+        with contextlib.closing(reads):
+            for i, got in reads:
+                if isinstance(got, InputError):
+                    records[i] = {"image_id": tasks[i].image_id, "file_name": tasks[i].path, "error": str(got)}
+                    continue
+                chunk.append((i, *got))
+                if len(chunk) == self.throughput.encoder_batch:
+                    self._label_chunk(chunk, tasks, records)
+                    chunk = []
+            if chunk:
+                self._label_chunk(chunk, tasks, records)
+        return records  # type: ignore[return-value]
+
+    def _label_chunk(self, chunk: list[tuple[int, Any, float]], tasks: Sequence[ImageTask],
+                     records: list[dict[str, Any] | None]) -> None:
+        """Label ``(task index, image, read seconds)`` items together and fill in their records.
+
+        Out of memory is handled per image by the pipeline: a batched encode is retried one image at a
+        time, a decoder call by halves of its prompt batch (``SamTeacher.predict``); only an image that does
+        not fit even so fails, with an ``error`` record.
+        """
+        items = [(image, tasks[i].annotations, tasks[i].plan) for i, image, _ in chunk]
+        results = self.pipeline.label_images(items, encoder_batch=self.throughput.encoder_batch)
+        for (i, _, read_s), result in zip(chunk, results, strict=True):
+            task = tasks[i]
+            rec: dict[str, Any] = {"image_id": task.image_id}
+            if isinstance(result, MemoryError):
+                rec.update(file_name=task.path, error=f"out of memory: {result}")
+            else:
+                seconds = dict(result.seconds)
+                seconds["read"] = read_s
+                rec.update(annotations=result.annotations, counts=dict(result.counts), seconds=seconds)
+            records[i] = rec
 
     @property
     def encoder_calls(self) -> int:
         return self.pipeline.teachers.sam.encoder_calls
+
+
+def _timed_read(path: str | Path) -> tuple[Any, float]:
+    """``read_image_rgb`` and the seconds it took (its ``InputError`` propagates)."""
+    from omnilabel.data.images import read_image_rgb
+
+    t0 = time.perf_counter()
+    image = read_image_rgb(path)
+    return image, time.perf_counter() - t0
 
 
 def task_from_dict(d: dict[str, Any]) -> ImageTask:
@@ -202,7 +243,7 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         if job.address is None:
             # Every worker runs on this machine: fetch named weights here first, with progress.
             resolve_refs(refs, on_event=on_event)
-        return (spec, refs, category_names(data), config.pipeline)
+        return (spec, refs, category_names(data), config.pipeline, config.throughput)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
                                     executor=executor or executor_for(job, PseudomaskWorker, task_from_dict, on_event),

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from omnilabel.data.weak import ImagePlan, WeakMode, WeakType, plan_image
 from omnilabel.errors import InputError
@@ -154,8 +155,50 @@ def _crowd(anns: Sequence[Mapping[str, Any]]) -> np.ndarray:
     return np.array([int(a.get("iscrowd") or 0) == 1 for a in anns], dtype=bool)
 
 
+#: One image for ``label_images``: (H, W, 3) uint8 RGB, its input annotations, its plan (or None).
+LabelItem = tuple[np.ndarray, Sequence[Mapping[str, Any]], ImagePlan | None]
+
+
+@dataclass
+class _Prepared:
+    """One image between detection and the SAM encoder."""
+
+    image_rgb: np.ndarray
+    plan: ImagePlan
+    result: ImageResult
+    by_kind: dict[WeakType, list[Mapping[str, Any]]]
+    points: Instances
+    points_crowd: np.ndarray
+    boxes: Instances
+    detections: Instances
+    tag_dets: Instances
+
+    @property
+    def needs_sam(self) -> bool:
+        """Whether any prompt is left for SAM (else the image is done: GT passthrough only)."""
+        return bool(len(self.points) or len(self.boxes) or len(self.tag_dets))
+
+
+def _memory_error(exc: BaseException) -> MemoryError:
+    """Out of memory as one type: ``MemoryError`` as is, ``torch.OutOfMemoryError`` wrapped (after giving the
+    CUDA allocator's cached blocks back, so that the next image starts with what is free)."""
+    if isinstance(exc, MemoryError):
+        return exc
+    _free_cached_memory()
+    err = MemoryError(str(exc))
+    err.__cause__ = exc
+    return err
+
+
+def _free_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back before a smaller retry."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class PseudomaskPipeline:
-    """Runs the teacher on one image at a time; holds models, no per-dataset state.
+    """Runs the teacher on images, one at a time or with batched encoder passes; holds models, no per-dataset
+    state.
 
     Args:
         teachers: the loaded models.
@@ -183,7 +226,7 @@ class PseudomaskPipeline:
 
     def label_image(self, image_rgb: np.ndarray, annotations: Sequence[Mapping[str, Any]],
                     plan: ImagePlan | None = None) -> ImageResult:
-        """Pseudomasks of one image.
+        """Pseudomasks of one image (``label_images`` of one item).
 
         Args:
             image_rgb: (H, W, 3) uint8.
@@ -193,7 +236,100 @@ class PseudomaskPipeline:
         Returns:
             ``ImageResult``: GT annotations first (input order), then pseudomasks from points, boxes,
             then detections, each in input (or score) order.
+
+        Raises:
+            InputError: the plan does not fit the annotations. MemoryError: the image cannot be labelled in
+                the memory available (see ``label_images``).
         """
+        (out,) = self.label_images([(image_rgb, annotations, plan)])
+        if isinstance(out, MemoryError):
+            raise out
+        return out
+
+    def label_images(self, items: Sequence[LabelItem], *, encoder_batch: int = 1) -> list[ImageResult | MemoryError]:
+        """Pseudomasks of several images, their SAM encoder passes batched.
+
+        The detector runs on each image first (it decides whether an image needs SAM at all); the images
+        that do are encoded in chunks of ``encoder_batch`` per encoder pass (``SamTeacher.encode_many``), and
+        each is then decoded on its own, as ``label_image`` does. The output does not depend on
+        ``encoder_batch``; a chunk's encode time is split evenly across its images in ``seconds``.
+
+        Out of memory is per image: if a batched encode runs out of memory, its images are encoded one at a
+        time; an image that cannot be detected, encoded alone or decoded (down to one prompt, see
+        ``SamTeacher.predict``) in the memory available gets a ``MemoryError`` in its place, and the others
+        go on.
+
+        Args:
+            items: ``(image_rgb, annotations, plan)`` per image: (H, W, 3) uint8, its validated input
+                annotations in file order, its ``ImagePlan`` (None: ``self.plan(annotations)``).
+            encoder_batch: images per SAM encoder pass, >= 1 (a memory and speed knob).
+
+        Returns:
+            One ``ImageResult`` (as ``label_image`` returns) or ``MemoryError`` per item, in input order.
+
+        Raises:
+            InputError: ``encoder_batch`` < 1, or a plan does not fit its annotations.
+        """
+        if encoder_batch < 1:
+            raise InputError(f"encoder_batch must be >= 1, got {encoder_batch}")
+        out: list[ImageResult | MemoryError | None] = [None] * len(items)
+        waiting: list[tuple[int, _Prepared]] = []
+        for i, (image_rgb, anns, plan) in enumerate(items):
+            try:
+                prep = self._prepare(image_rgb, anns, plan)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                out[i] = _memory_error(exc)
+                continue
+            if prep.needs_sam:
+                waiting.append((i, prep))
+            else:
+                out[i] = prep.result
+        for start in range(0, len(waiting), encoder_batch):
+            chunk = waiting[start : start + encoder_batch]
+            encoded = self._encode_chunk([prep.image_rgb for _, prep in chunk])
+            for (i, prep), (emb, seconds) in zip(chunk, encoded, strict=True):
+                if isinstance(emb, MemoryError):
+                    out[i] = emb
+                    continue
+                prep.result.seconds["encode"] += seconds
+                try:
+                    out[i] = self._finish(prep, emb)
+                except (torch.OutOfMemoryError, MemoryError) as exc:
+                    out[i] = _memory_error(exc)
+            del encoded
+        return out  # type: ignore[return-value]
+
+    def _encode_chunk(self, images_rgb: list[np.ndarray]) -> list[tuple[ImageEmbedding | MemoryError, float]]:
+        """Encode a chunk in one pass, or one image at a time if the pass runs out of memory.
+
+        Returns:
+            ``(embedding or MemoryError, encode seconds)`` per image.
+        """
+        sam = self.teachers.sam
+        t0 = time.perf_counter()
+        try:
+            embs = sam.encode_many(images_rgb)
+        except torch.OutOfMemoryError as exc:
+            if len(images_rgb) == 1:
+                return [(_memory_error(exc), 0.0)]
+            _free_cached_memory()
+        else:
+            share = (time.perf_counter() - t0) / len(images_rgb)
+            return [(emb, share) for emb in embs]
+        alone: list[tuple[ImageEmbedding | MemoryError, float]] = []
+        for image_rgb in images_rgb:
+            t0 = time.perf_counter()
+            try:
+                (emb,) = sam.encode_many([image_rgb])
+            except torch.OutOfMemoryError as exc:
+                alone.append((_memory_error(exc), 0.0))
+                continue
+            alone.append((emb, time.perf_counter() - t0))
+        return alone
+
+    def _prepare(self, image_rgb: np.ndarray, annotations: Sequence[Mapping[str, Any]],
+                 plan: ImagePlan | None) -> _Prepared:
+        """Everything before SAM: GT passthrough, the weak prompts, detection."""
         cfg = self.config
         plan = plan if plan is not None else self.plan(annotations)
         if len(plan.kinds) != len(annotations):
@@ -231,20 +367,21 @@ class PseudomaskPipeline:
 
         tag_dets = detections[np.isin(detections.category_ids, tag_classes)
                               & (detections.scores >= cfg.box_threshold)]
-        if not (len(points) or len(boxes) or len(tag_dets)):
-            return result
+        return _Prepared(image_rgb=image_rgb, plan=plan, result=result, by_kind=by_kind, points=points,
+                         points_crowd=points_crowd, boxes=boxes, detections=detections, tag_dets=tag_dets)
 
-        t0 = time.perf_counter()
-        emb = self.teachers.sam.encode(image_rgb)
-        result.seconds["encode"] += time.perf_counter() - t0
-
+    def _finish(self, prep: _Prepared, emb: ImageEmbedding) -> ImageResult:
+        """Everything after the encoder: the SAM stages, duplicates, empty masks, COCO records."""
+        cfg = self.config
+        result, by_kind = prep.result, prep.by_kind
         parts: list[_Part] = []
-        if len(points):
-            parts.append(self._points(emb, points, points_crowd, detections, result))
-        box_prompts = Instances.cat([boxes, tag_dets])
+        if len(prep.points):
+            parts.append(self._points(emb, prep.points, prep.points_crowd, prep.detections, result))
+        box_prompts = Instances.cat([prep.boxes, prep.tag_dets])
         if len(box_prompts):
-            parts += self._boxes(emb, box_prompts, len(boxes), _crowd(by_kind[WeakType.BOX]), plan, result)
-        if len(tag_dets) and len(parts) > 0:
+            parts += self._boxes(emb, box_prompts, len(prep.boxes), _crowd(by_kind[WeakType.BOX]), prep.plan,
+                                 result)
+        if len(prep.tag_dets) and len(parts) > 0:
             self._drop_duplicates(parts, by_kind[WeakType.FULL], result)
 
         t0 = time.perf_counter()

@@ -1,6 +1,8 @@
 """SAM inference: encode an image once, then decode all of its prompts in a few batched decoder calls.
 
 ``SamTeacher.encode`` runs the image encoder (preprocessing identical to ``SamPredictor.set_image``);
+``SamTeacher.encode_many`` runs it on several images per forward pass (each resized and padded to the square
+input alone, so images of any sizes batch together; the embeddings equal one-at-a-time encoding);
 ``SamTeacher.predict`` takes N prompts of mixed kinds — one positive point, one box, or both — groups them
 by kind, and runs the mask decoder once per group (and per chunk of ``max_prompts_per_call``), never once
 per prompt. Results equal ``segment_anything.SamPredictor``'s, prompt by prompt.
@@ -14,7 +16,7 @@ sliced to the batch as ``batch.data``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,10 +143,13 @@ class SamTeacher:
         device: torch device string; the model is moved there. On CUDA the encoder and decoder run under
             bf16 autocast where the GPU supports it (fp16 otherwise); the prompt encoder and mask upsampling
             stay float32, since positional encodings of coordinates lose pixels in half precision. On CPU
-            everything is float32.
+            everything is float32. On CUDA the image encoder's attention also runs through
+            ``scaled_dot_product_attention`` (``omnilabel.models.sam_attention.use_sdpa``: same function,
+            fused kernels); the model passed in is converted in place.
 
     Attributes:
-        encoder_calls: image-encoder passes so far.
+        encoder_calls: image-encoder forward passes so far (one per ``encode_many`` chunk).
+        images_encoded: images encoded so far (``encoder_calls`` when every pass holds one image).
         decoder_calls: mask-decoder calls so far.
     """
 
@@ -156,9 +161,14 @@ class SamTeacher:
             raise InputError(f"max_prompts_per_call must be >= 1, got {self.config.max_prompts_per_call}")
         self.device = torch.device(device)
         self.sam = sam.to(self.device).eval()
+        if self.device.type == "cuda":
+            from omnilabel.models.sam_attention import use_sdpa
+
+            use_sdpa(self.sam.image_encoder)
         self.image_size: int = sam.image_encoder.img_size
         self.transform = ResizeLongestSide(self.image_size)
         self.encoder_calls = 0
+        self.images_encoded = 0
         self.decoder_calls = 0
         self.oom_splits = 0
 
@@ -166,7 +176,7 @@ class SamTeacher:
         return autocast(self.device)
 
     def encode(self, image_rgb: np.ndarray) -> ImageEmbedding:
-        """Run the image encoder once.
+        """Run the image encoder once; ``encode_many([image_rgb])[0]``.
 
         Args:
             image_rgb: (H, W, 3) uint8 RGB image.
@@ -177,21 +187,56 @@ class SamTeacher:
         Raises:
             InputError: the image is not (H, W, 3) uint8.
         """
-        if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            shape = getattr(image_rgb, "shape", None)
-            raise InputError(f"SAM expects an (H, W, 3) RGB image, got shape {shape}")
-        if image_rgb.dtype != np.uint8:
-            raise InputError(f"SAM expects a uint8 image, got {image_rgb.dtype}")
-        resized = self.transform.apply_image(image_rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        with torch.inference_mode(), self._autocast():
-            features = self.sam.image_encoder(self.sam.preprocess(x))
+        return self.encode_many([image_rgb])[0]
+
+    def encode_many(self, images_rgb: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """Run the image encoder once on all of ``images_rgb`` (one forward pass of batch size N).
+
+        Each image is resized by ``ResizeLongestSide``, normalised and padded to the square input on its own,
+        exactly as ``encode`` does, so images of different sizes batch together and each embedding equals
+        that of encoding the image alone (to float rounding of the batched kernels). On CUDA the call waits
+        for the pass to finish, so that the time spent in it is the encoder's (the decoder needs the
+        features next anyway).
+
+        Args:
+            images_rgb: N >= 0 (H_i, W_i, 3) uint8 RGB images. The caller sizes N to the memory available.
+
+        Returns:
+            N ``ImageEmbedding``s in input order; ``features`` of each is (1, C, g, g), a view of the batch.
+
+        Raises:
+            InputError: an image is not (H, W, 3) uint8 (naming its position); nothing is encoded then.
+        """
+        for i, image_rgb in enumerate(images_rgb):
+            if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+                shape = getattr(image_rgb, "shape", None)
+                where = f" (image {i} of {len(images_rgb)})" if len(images_rgb) > 1 else ""
+                raise InputError(f"SAM expects an (H, W, 3) RGB image, got shape {shape}{where}")
+            if image_rgb.dtype != np.uint8:
+                where = f" (image {i} of {len(images_rgb)})" if len(images_rgb) > 1 else ""
+                raise InputError(f"SAM expects a uint8 image, got {image_rgb.dtype}{where}")
+        if not images_rgb:
+            return []
+        resized = [self.transform.apply_image(image_rgb) for image_rgb in images_rgb]
+        with torch.inference_mode():
+            # ``Sam.preprocess`` normalises and pads one image to the square input; batching after it keeps
+            # each image's input identical to ``encode``'s.
+            x = torch.cat([self.sam.preprocess(torch.as_tensor(r, device=self.device).permute(2, 0, 1)
+                                               .contiguous()[None]) for r in resized])
+            with self._autocast():
+                features = self.sam.image_encoder(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.encoder_calls += 1
-        return ImageEmbedding(
-            features=features,
-            original_size=(int(image_rgb.shape[0]), int(image_rgb.shape[1])),
-            input_size=(int(resized.shape[0]), int(resized.shape[1])),
-        )
+        self.images_encoded += len(resized)
+        return [
+            ImageEmbedding(
+                features=features[i : i + 1],
+                original_size=(int(image_rgb.shape[0]), int(image_rgb.shape[1])),
+                input_size=(int(r.shape[0]), int(r.shape[1])),
+            )
+            for i, (image_rgb, r) in enumerate(zip(images_rgb, resized, strict=True))
+        ]
 
     def encode_prompts(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed one batch of prompts; the hook a class-aware prompt module overrides.
