@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -106,9 +107,12 @@ def test_a_job_spreads_over_two_nodes_and_a_removed_node_hands_its_shards_to_the
     def on_event(ev: dict) -> None:
         events.append(ev)
         if ev["event"] == "progress" and ev["done"] >= 2 and not removed:
-            workers = {e["node_id"] for e in events if e["event"] == "worker"}
+            workers = {e["node_id"]: e["pid"] for e in events if e["event"] == "worker"}
             victim = next(n for n in cluster.nodes if n.node_id in workers)
             removed.append(victim.node_id)
+            # A node that dies takes its processes with it; a removed raylet alone leaves its worker
+            # running a while (actor calls do not go through the raylet).
+            os.kill(workers[victim.node_id], signal.SIGKILL)
             cluster.remove_node(victim, allow_graceful=False)
 
     ray.shutdown()
@@ -121,7 +125,7 @@ def test_a_job_spreads_over_two_nodes_and_a_removed_node_hands_its_shards_to_the
     assert {n.node_id for n in cluster.nodes} <= started, "the job should have started a worker on both nodes"
     assert removed, "a node should have been removed mid-job"
     lost = [e["message"] for e in events if e["event"] == "warning" and "was lost" in e["message"]]
-    assert lost, "losing a node should be reported"
+    assert lost, f"losing a node should be reported: {events}"
     assert summary["errors"] == 0
     _same(json.loads(out.read_text())["annotations"], reference)
 
