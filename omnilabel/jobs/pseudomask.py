@@ -1,8 +1,10 @@
 """The ``pseudomask`` job: validate, plan shards, run the teacher on every unfinished shard, merge.
 
-Images are read one at a time and results are written shard by shard into the job directory, so memory
-does not grow with the dataset and a killed job resumes where it stopped. A missing or undecodable image
-is recorded (``errors.jsonl`` in the job directory) and the job goes on.
+A worker reads its shard's images a few ahead on a background thread (``Throughput.prefetch``), encodes them
+``Throughput.encoder_batch`` at a time, and results are written shard by shard into the job directory, so
+memory does not grow with the dataset and a killed job resumes where it stopped. A missing or undecodable
+image is recorded (``errors.jsonl`` in the job directory) and the job goes on. Workers get the models as
+names and paths (``model_refs``) and find them on their own node.
 """
 
 from __future__ import annotations
