@@ -305,6 +305,10 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
         live = [s for s in slots if s.info is not None]
         if not slots:
             raise JobError(f"every Ray worker was lost (last: {reason}); rerun the job to finish it")
+        if not live:
+            need = ", ".join(f"{v:g} {k}" for k, v in resources.items())
+            emit(on_event, "warning", message=f"no Ray worker is running: the job goes on once Ray has started a "
+                                              f"replacement (it needs {need} free on one node)")
         for s in live:
             feed(s)
 
