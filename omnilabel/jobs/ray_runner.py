@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib.util
 import json
 import logging
 import logging.handlers
@@ -56,6 +57,8 @@ MAX_RETRIES = 2
 SHARDS_IN_FLIGHT = 2
 #: The thread-count environment variables an actor sets before torch starts its pools.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Connections tried to a ``ray://`` address whose client server fails to start a server for this client.
+CLIENT_ATTEMPTS = 3
 #: Where Ray's own driver-side log lines go, in Ray's log folder of the session.
 DRIVER_LOG = "omnilabel-driver.log"
 
@@ -171,17 +174,26 @@ def init_ray(job: JobOptions) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": False}
     if not client:
         kwargs.update(include_dashboard=False, configure_logging=False)
-    try:
-        if job.address is None:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 1),
-                     _system_config={"worker_niceness": 0}, **kwargs)
-        else:
-            ray.init(address=job.address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        _send_ray_logging_to_file(buffer)
-        hint = " (a Ray client needs `pip install omnilabel[cluster]`)" if client and "client" in str(exc) else ""
-        raise JobError(f"cannot start or reach Ray at {job.address or 'a local instance'}: "
-                       f"{_one_line(exc)}{hint}") from exc
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            if job.address is None:
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 1),
+                         _system_config={"worker_niceness": 0}, **kwargs)
+            else:
+                ray.init(address=job.address, **kwargs)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            if client and attempt < CLIENT_ATTEMPTS and "client server failed" in str(exc).lower():
+                # The head's client server starts one server process per client, and that start
+                # sometimes fails on its own; a new connection gets a new one.
+                ray.shutdown()
+                continue
+            _send_ray_logging_to_file(buffer)
+            hint = ""
+            if client and importlib.util.find_spec("grpc") is None:
+                hint = " (a Ray client needs `pip install omnilabel[cluster]`)"
+            raise JobError(f"cannot start or reach Ray at {job.address or 'a local instance'}: "
+                           f"{_one_line(exc)}{hint}") from exc
     _send_ray_logging_to_file(buffer)
 
 
