@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 from pathlib import Path
 
 import pytest
 from cli_runner import run_subprocess as _cli
-
-from omnilabel.data.weak import split_coco
+from job_outputs import assert_same_annotations, weak_copy
 
 
 def _free_port() -> int:
@@ -59,11 +57,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def boxes_job(shapes_coco, tmp_path_factory):
     root = tmp_path_factory.mktemp("clusterjob")
-    shutil.copytree(shapes_coco.parent, root / "data")
-    gt = json.loads((root / "data" / "coco.json").read_text())
-    weak = root / "data" / "weak.json"
-    weak.write_text(json.dumps(split_coco(gt, fully=0.25, weak="boxes", seed=0)))
-    return root, weak
+    return root, weak_copy(shapes_coco, root, "boxes")
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +69,6 @@ def reference(boxes_job, tiny_sam_path):
              "--detector", "none", "--num-workers", "0", "-o", out)
     assert r.returncode == 0, r.stderr
     return json.loads(out.read_text())["annotations"]
-
-
-def _same(a: list[dict], b: list[dict]) -> None:
-    """Equal annotations; scores to float rounding (workers may run another number of threads)."""
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x["segmentation"] == y["segmentation"]
-        assert {k: v for k, v in x.items() if k != "score"} == {k: v for k, v in y.items() if k != "score"}
-        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
 
 
 def _run_library(boxes_job, tiny_sam_path, out: Path, *, address: str, on_event=None):
@@ -127,7 +112,7 @@ def test_a_job_spreads_over_two_nodes_and_a_removed_node_hands_its_shards_to_the
     lost = [e["message"] for e in events if e["event"] == "warning" and "was lost" in e["message"]]
     assert lost, f"losing a node should be reported: {events}"
     assert summary["errors"] == 0
-    _same(json.loads(out.read_text())["annotations"], reference)
+    assert_same_annotations(json.loads(out.read_text())["annotations"], reference)
 
 
 def test_a_worker_that_cannot_find_its_weights_stops_the_job_with_one_clear_message(cluster, boxes_job):
@@ -151,4 +136,4 @@ def test_a_job_through_a_ray_client_equals_in_process(cluster, boxes_job, tiny_s
              "--detector", "none", "--address", cluster.client_address, "--num-workers", "1", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "Token authentication" not in r.stderr and "core_worker" not in r.stderr
-    _same(json.loads(out.read_text())["annotations"], reference)
+    assert_same_annotations(json.loads(out.read_text())["annotations"], reference)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,31 +13,17 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_subprocess as _cli
-
-from omnilabel.data.weak import split_coco
+from job_outputs import assert_same_annotations, weak_copy
 
 
 @pytest.fixture(scope="module")
 def job_inputs(shapes_coco, tmp_path_factory):
     root = tmp_path_factory.mktemp("rayjob")
-    shutil.copytree(shapes_coco.parent, root / "data")
-    gt = json.loads((root / "data" / "coco.json").read_text())
-    weak = root / "data" / "weak.json"
-    weak.write_text(json.dumps(split_coco(gt, fully=0.25, weak="mixed", seed=0)))
-    return root, weak
+    return root, weak_copy(shapes_coco, root, "mixed")
 
 
 def _anns(path: Path) -> list[dict]:
     return json.loads(path.read_text())["annotations"]
-
-
-def _same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x["segmentation"] == y["segmentation"]
-        assert {k: v for k, v in x.items() if k not in ("score", "omnilabel")} == \
-            {k: v for k, v in y.items() if k not in ("score", "omnilabel")}
-        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
 
 
 def test_two_ray_workers_equal_in_process(job_inputs, tiny_sam_path, tiny_gdino_dir):
@@ -49,7 +34,7 @@ def test_two_ray_workers_equal_in_process(job_inputs, tiny_sam_path, tiny_gdino_
     assert ref.returncode == 0, ref.stderr
     par = _cli(*common, "--num-workers", "2", "-o", root / "ray.json")
     assert par.returncode == 0, par.stderr
-    _same(_anns(root / "ref.json"), _anns(root / "ray.json"))
+    assert_same_annotations(_anns(root / "ref.json"), _anns(root / "ray.json"), ignore=("score", "omnilabel"))
     assert len(list((root / "ray.job" / "shards").glob("*.jsonl"))) == 4
 
 

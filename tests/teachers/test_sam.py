@@ -7,7 +7,6 @@ from segment_anything import SamPredictor
 
 from omnilabel.errors import InputError
 from omnilabel.models.sam_loader import load_sam
-from omnilabel.models.tiny import build_tiny_sam, save_sam_checkpoint
 from omnilabel.teachers.sam import PromptBatch, SamTeacher, SamTeacherConfig
 
 NAN2 = [np.nan] * 2
@@ -19,9 +18,8 @@ BOXES = np.array([NAN4, _B[0], NAN4, _B[1], _B[2], _B[3], NAN4, _B[4]], float)
 
 
 @pytest.fixture(scope="module")
-def sam(tmp_path_factory):
-    path = save_sam_checkpoint(build_tiny_sam(seed=0), tmp_path_factory.mktemp("sam") / "sam_tiny.pth")
-    return load_sam(path)
+def sam(tiny_sam_path):
+    return load_sam(tiny_sam_path)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 
 from omnilabel.errors import InputError
 from omnilabel.models.sam_loader import load_sam
-from omnilabel.models.tiny import build_tiny_sam, save_sam_checkpoint
 from omnilabel.teachers.sam import SamTeacher
 
 #: Three sizes: landscape, portrait and a small square, so resizing and padding differ per image.
@@ -16,9 +15,8 @@ SIZES_HW = [(200, 300), (300, 120), (64, 64)]
 
 
 @pytest.fixture(scope="module")
-def sam(tmp_path_factory):
-    path = save_sam_checkpoint(build_tiny_sam(seed=0), tmp_path_factory.mktemp("sam") / "sam_tiny.pth")
-    return load_sam(path)
+def sam(tiny_sam_path):
+    return load_sam(tiny_sam_path)
 
 
 @pytest.fixture(scope="module")
