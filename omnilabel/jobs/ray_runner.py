@@ -193,7 +193,7 @@ def init_ray(job: JobOptions) -> None:
             if client and importlib.util.find_spec("grpc") is None:
                 hint = " (a Ray client needs `pip install omnilabel[cluster]`)"
             raise JobError(f"cannot start or reach Ray at {job.address or 'a local instance'}: "
-                           f"{_one_line(exc)}{hint}") from exc
+                           f"{one_line(exc)}{hint}") from exc
     _send_ray_logging_to_file(buffer)
 
 
@@ -225,7 +225,7 @@ class _ShardActor:
         try:
             self.worker = worker_factory(*worker_args)
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the job with it
-            self.info["error"] = {"message": str(exc) if isinstance(exc, OmnilabelError) else _one_line(exc),
+            self.info["error"] = {"message": str(exc) if isinstance(exc, OmnilabelError) else one_line(exc),
                                   "traceback": traceback.format_exc()}
 
     def ready(self) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def run_on_ray(worker_factory: Callable[..., Any], worker_args: tuple, shards: d
                     "them. Start Ray's nodes with RAY_worker_niceness=0 (see docs/cluster.md)"))
             feed(slot)
     except ray.exceptions.RayError as exc:
-        raise JobError(f"the job failed on Ray: {_one_line(exc)}") from exc
+        raise JobError(f"the job failed on Ray: {one_line(exc)}") from exc
     finally:
         for slot in slots:
             ray.kill(slot.actor, no_restart=True)
@@ -376,7 +376,7 @@ def _failed_shard(tasks: list[Any], slot: _Slot, exc: BaseException) -> list[dic
     """One error record per image of a shard whose worker raised: recorded, and the job goes on."""
     cause = getattr(exc, "cause", None) or exc
     node = (slot.info or {}).get("node", "unknown node")
-    message = f"the worker on {node} failed on this shard: {_one_line(cause)}"
+    message = f"the worker on {node} failed on this shard: {one_line(cause)}"
     return [{"image_id": int(t.image_id), "error": message} for t in tasks]
 
 
@@ -387,7 +387,8 @@ def _actor_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:100]}{'…' if len(first) > 100 else ''}"
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error for a one-line message: omnilabel's own as it is, any other as its type and last line."""
     text = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {text[-1] if text else ''}" if not isinstance(exc, OmnilabelError) else str(exc)
 

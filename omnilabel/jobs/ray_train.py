@@ -26,7 +26,7 @@ from omnilabel.errors import JobError, OmnilabelError
 from omnilabel.events import OnEvent
 from omnilabel.io import JsonlFollower
 from omnilabel.jobs.options import JobOptions
-from omnilabel.jobs.ray_runner import MAX_RETRIES, init_ray, worker_resources
+from omnilabel.jobs.ray_runner import MAX_RETRIES, init_ray, one_line, worker_resources
 
 #: Seconds between two reads of the run's log by the driver.
 POLL_S = 0.5
@@ -108,7 +108,7 @@ def fit_on_ray(loop: Loop, setup: Any, *, job: JobOptions, name: str, run_dir: s
         cause = _root(exc)
         if isinstance(cause, OmnilabelError):
             raise cause
-        raise JobError(f"training on Ray failed: {_one_line(cause)}; continue with --resume") from exc
+        raise JobError(f"training on Ray failed: {one_line(cause)}; continue with --resume") from exc
     return records
 
 
@@ -118,8 +118,3 @@ def _root(exc: BaseException) -> BaseException:
     while seen.__cause__ is not None:
         seen = seen.__cause__
     return seen
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"

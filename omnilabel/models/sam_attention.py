@@ -82,12 +82,7 @@ def use_sdpa(model: nn.Module) -> int:
     Returns:
         Number of attention modules converted by this call (0 when all already were).
     """
-    converted = 0
-    for module in model.modules():
-        if type(module) is Attention:
-            module.__class__ = SdpaAttention
-            converted += 1
-    return converted
+    return _swap(model, Attention, SdpaAttention)
 
 
 def use_eager(model: nn.Module) -> int:
@@ -99,9 +94,14 @@ def use_eager(model: nn.Module) -> int:
     Returns:
         Number of attention modules converted back.
     """
+    return _swap(model, SdpaAttention, Attention)
+
+
+def _swap(model: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
+    """Give every module of exactly class ``old`` the class ``new`` (same parameters); returns how many."""
     converted = 0
     for module in model.modules():
-        if type(module) is SdpaAttention:
-            module.__class__ = Attention
+        if type(module) is old:
+            module.__class__ = new
             converted += 1
     return converted
