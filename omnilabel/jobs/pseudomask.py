@@ -242,10 +242,10 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     data = {**data, "images": [im for im in data["images"] if int(im["id"]) in kept]}
 
     def worker_args() -> tuple:
-        if job.address is None:
-            # Every worker runs on this machine: fetch named weights here first, with progress.
-            resolve_refs(refs, on_event=on_event)
-        return (spec, refs, category_names(data), config.pipeline, config.throughput)
+        # Every worker runs on this machine without --address: find (or download, with progress) the models
+        # here once and hand over their paths; on a cluster each worker finds them on its own node.
+        models = resolve_refs(refs, on_event=on_event) if job.address is None else refs
+        return (spec, models, category_names(data), config.pipeline, config.throughput)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
                                     executor=executor or executor_for(job, PseudomaskWorker, task_from_dict, on_event),
