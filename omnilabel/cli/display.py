@@ -89,6 +89,9 @@ class _EventDisplay:
             if name not in self.tasks:
                 self.tasks[name] = bar.add_task(name, total=ev.get("total"))
             bar.update(self.tasks[name], completed=ev["done"], total=ev.get("total"))
+        elif kind == "pairs":
+            self.console.print(f"refiner training pairs: {ev['kept']} kept, {ev['dropped']} dropped "
+                               f"(IoU of SAM's mask with the GT < {ev['min_iou']})")
         elif kind in _TRAINING:
             self._training(ev)
 
@@ -191,3 +194,17 @@ def evaluate_tables(result: dict[str, Any], name: str) -> list[Table]:
             t.add_row(weak, str(row["count"]), f"{row['miou']:.3f}", f"{row['boundary_iou']:.3f}")
         tables.append(t)
     return tables
+
+
+def rank_table(rows: list[dict[str, Any]], *, title: str) -> Table:
+    """The table of ``rank``: one row per ranked image (``omnilabel.eval.rank.RankedImage`` as a dict)."""
+    t = Table(title=title)
+    for col in ("rank", "image id"):
+        t.add_column(col, justify="right")
+    t.add_column("file_name", overflow="fold")
+    for col in ("pseudomasks", "score", "worst annotation"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["rank"]), str(r["image_id"]), r["file_name"], str(r["n_pseudo"]), f"{r['score']:.3f}",
+                  str(r["worst_annotation_id"]))
+    return t

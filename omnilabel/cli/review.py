@@ -1,4 +1,4 @@
-"""Review commands: ``evaluate`` and ``visualize``."""
+"""Review commands: ``evaluate``, ``visualize`` and ``rank``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from omnilabel.cli.app import app
-from omnilabel.cli.display import evaluate_tables, events, out, table
+from omnilabel.cli.display import evaluate_tables, events, out, rank_table, table
+from omnilabel.eval.rank import RankBy
 
 
 @app.command()
@@ -82,3 +83,51 @@ def visualize(
         mean = "n/a" if summary["mean_miou"] is None else f"{summary['mean_miou']:.3f}"
         rows.append(("mean mIoU", f"{mean} over {summary['scored_images']} images with GT masks"))
     out.print(table(f"wrote {summary['images']} images to {summary['output_dir']}", rows, columns=("what", "where")))
+
+
+#: Rows of the ``rank`` table when --top is not given.
+RANK_TABLE_ROWS = 20
+
+
+@app.command()
+def rank(
+    coco: Annotated[Path, typer.Argument(
+        help="Pseudomask COCO file scored with uncertainty (annotations carry `omnilabel.uncertainty_mean`).")],
+    by: Annotated[RankBy, typer.Option(
+        help="Image score: `mean` = mean of its pseudomasks' `uncertainty_mean` (the image as a whole is "
+             "doubtful); `max` = the highest one (one bad mask is enough).")] = RankBy.MEAN,
+    top: Annotated[int | None, typer.Option(
+        show_default=False, help=f"The N most uncertain images: rows of the table, and what -o writes "
+                                 f"[default: {RANK_TABLE_ROWS} rows].")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Write the --top images, with all their annotations (GT and pseudo), as a COCO "
+                               "file here, to relabel.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the whole ranking as JSON here.")]
+    = None,
+) -> None:
+    """Rank images by how uncertain their pseudomasks are, worst first, to pick what a person relabels.
+
+    Each pseudomask's score is its `omnilabel.uncertainty_mean`: the mean of its per-pixel uncertainty map, in
+    [0, 1], higher = less certain (written by `omnilabel uncertainty` or `pseudomask --refiner`). An image's
+    score is the mean (`--by mean`) or the max (`--by max`) over its pseudomasks; GT annotations never count.
+    Ties go to the lower image id; images without a scored pseudomask are not ranked, only counted. Prints
+    the top rows with each image's worst annotation; `--top N -o relabel.json` writes those N images as a
+    COCO file, with `omnilabel.uncertainty` paths rewritten to stay valid from its folder.
+    """
+    from omnilabel.eval.rank import rank_file
+
+    summary = rank_file(coco, by=by, top=top, output=output, json_out=json_out)
+    ranking = summary["ranking"]
+    rows = ranking.to_dict()["ranking"][:top or RANK_TABLE_ROWS]
+    out.print(rank_table(rows, title=f"most uncertain images of {coco.name} (score: {ranking.by.value} "
+                                     "pseudomask uncertainty)"))
+    totals = (f"{len(ranking.images)} of {summary['images']} images ranked, {ranking.unranked_images} without a "
+              f"scored pseudomask; showing the top {len(rows)}")
+    if ranking.unscored_pseudo:
+        totals += f"; {ranking.unscored_pseudo} pseudomasks without uncertainty_mean left out"
+    out.print(totals, soft_wrap=True)
+    if summary["output"] is not None:
+        out.print(f"wrote {summary['output']}: {summary['output_images']} images, "
+                  f"{summary['output_annotations']} annotations", soft_wrap=True)
+    if summary["json"] is not None:
+        out.print(f"wrote the ranking to {summary['json']}", soft_wrap=True)

@@ -61,6 +61,12 @@ def train_student(
     pseudo_weight: Annotated[float | None, typer.Option(
         help="Loss weight of pseudomask targets (mask, dice and class terms of their matched queries); GT "
              "weighs 1 [default: 1].")] = None,
+    uncertainty: Annotated[bool, typer.Option(
+        "--uncertainty/--no-uncertainty",
+        help="Weight each pseudomask's mask loss (sigmoid CE and Dice at the sampled points) per point by its "
+             "certainty 1 - u, u its uncertainty map (omnilabel.uncertainty, written by `omnilabel uncertainty`; "
+             "run that first). GT weighs 1 everywhere. Fails before training if a pseudomask has no map; a run "
+             "cannot be resumed with the other setting.")] = False,
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints [paper: 1000].")] = None,
     data_workers: Annotated[int | None, typer.Option(help="Data-loading processes per worker [paper: 2].")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
@@ -87,7 +93,8 @@ def train_student(
     model, train, weights = make_configs(
         preset.value, backbone=backbone, pretrained=pretrained, num_queries=num_queries, image_size=image_size,
         epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule, min_score=min_score,
-        pseudo_weight=pseudo_weight, checkpoint_every=checkpoint_every, data_workers=data_workers, seed=seed)
+        pseudo_weight=pseudo_weight, uncertainty=uncertainty, checkpoint_every=checkpoint_every,
+        data_workers=data_workers, seed=seed)
     inputs = StudentInputs(Dataset(coco, images, allow_outside_images),
                            Dataset(val, val_images, allow_outside_images) if val is not None else None)
     with events("train") as on_event:

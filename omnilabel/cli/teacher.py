@@ -105,11 +105,20 @@ def finetune_teacher(
         help="COCO JSON; its annotations with a `segmentation` (the fully annotated images) are trained on.")],
     prompts: Annotated[str, typer.Option(
         help="Prompts drawn from each GT mask: `points` (P-SAM: one random point inside), `boxes` (box-SAM: "
-             "the mask's box), `points+boxes` (BP-SAM: point, box or both).")] = "points+boxes",
+             "the mask's box), `points+boxes` (BP-SAM: point, box or both); or `refine`: SUM's refinement "
+             "module for `--refiner` (SAM's mask for a click in each GT mask, with its box and the click, "
+             "trained to give the GT mask).")] = "points+boxes",
     images: Images = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Teacher file [default: COCO.teacher.pt beside the input].")] = None,
-    sam: Annotated[str, typer.Option(help="Base SAM: vit_b, vit_l, vit_h or a checkpoint path.")] = "vit_h",
+    sam: Annotated[str | None, typer.Option(
+        help="Base SAM: vit_b, vit_l, vit_h or a checkpoint path [default: --teacher's base, else vit_h].")] = None,
+    teacher: Annotated[Path | None, typer.Option(
+        help="Start from this fine-tuned teacher instead of the base SAM's decoder. With --prompts refine: the "
+             "teacher whose pseudomasks the refiner will score.")] = None,
+    min_iou: Annotated[float, typer.Option(
+        help="--prompts refine: drop training pairs whose SAM mask has IoU with the GT below this (SUM: "
+             "0.7).")] = 0.7,
     class_aware: Annotated[bool, typer.Option(
         "--class-aware", help="Also train the ControlNet-style class prompt (CLIP text of each class).")] = False,
     clip: Annotated[str, typer.Option(help="CLIP for --class-aware: a name or a checkpoint path.")] = "clip-vit-b-32",
@@ -152,15 +161,18 @@ def finetune_teacher(
 
     job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite,
                       resume=resume)
-    recipe = FinetuneConfig(prompts=parse_prompt_mode(prompts), class_aware=class_aware, steps=steps,
+    recipe = FinetuneConfig(prompts=parse_prompt_mode(prompts), min_iou=min_iou, class_aware=class_aware, steps=steps,
                             lr_drop_step=lr_drop_step, lr=lr, seed=seed, box_jitter=box_jitter,
                             train_encoder=train_encoder, checkpoint_every=checkpoint_every)
     target = output or default_output(coco, ".teacher.pt")
     with events("finetune-teacher") as on_event:
         summary = run_finetune_teacher(Dataset(coco, images, allow_outside_images), target, job,
-                                       TeacherRecipe(recipe, sam=sam, clip=clip, clip_arch=clip_arch),
+                                       TeacherRecipe(recipe, sam=sam, clip=clip, clip_arch=clip_arch,
+                                                     teacher=None if teacher is None else str(teacher)),
                                        on_event=on_event)
     rows = [("images / instances trained on", f"{summary['images']} / {summary['instances']}"),
+            *([("refiner pairs kept / dropped (IoU < --min-iou)",
+                f"{summary['pairs']['kept']} / {summary['pairs']['dropped']}")] if summary.get("pairs") else []),
             ("steps (resumed from)", f"{summary['steps']} ({summary['start_step']})")]
     if summary["last"]:
         rows.append(("last loss", f"{summary['last']['loss']:.4f}"))

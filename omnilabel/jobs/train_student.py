@@ -2,8 +2,11 @@
 loop in this process (0 workers, the reference) or on Ray Train workers (``omnilabel.jobs.ray_train``).
 
 A run directory that already holds a run is continued with ``resume`` (from its last checkpoint; the model
-and the categories must be the ones it was started with, the recipe may change, e.g. more steps) or started
-again with ``overwrite``; anything else is refused.
+and the categories must be the ones it was started with, the recipe may change, e.g. more steps, except
+``uncertainty``, which changes the loss) or started again with ``overwrite``; anything else is refused.
+
+With ``uncertainty`` (``--uncertainty``) every pseudomask's uncertainty map is located before anything is
+written (``omnilabel.students.certainty``), so a missing one fails the job before training.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from omnilabel.errors import InputError, JobError
 from omnilabel.events import OnEvent
 from omnilabel.io import write_json_atomic
 from omnilabel.jobs.options import Dataset, JobOptions
+from omnilabel.students.certainty import pseudomask_uncertainty_paths
 from omnilabel.students.mask2former import STUDENT_JSON, StudentConfig, hf_config, resolve_pretrained
 from omnilabel.students.run import METRICS, RunSetup, TrainConfig, clear_run, latest_checkpoint, read_student
 
@@ -80,8 +84,10 @@ def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions
         ``run_dir`` and ``wall_s``.
 
     Raises:
-        InputError: bad input or settings. CheckpointError: weights cannot be had or do not fit.
-        JobError: the run directory holds another run, or Ray training failed.
+        InputError: bad input or settings; with ``train.uncertainty``, a pseudomask target without an existing
+            uncertainty map, or no pseudomask at all. CheckpointError: weights cannot be had or do not fit.
+        JobError: the run directory holds another run, a resume changes the model or ``uncertainty``, or Ray
+            training failed.
     """
     t0 = time.perf_counter()
     job, config = job or JobOptions(), config or StudentRecipe()
@@ -93,6 +99,8 @@ def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions
     images_dir = inputs.train.images_dir
     data = load_coco(inputs.train.coco, images_dir=images_dir, allow_outside_images=inputs.train.allow_outside_images)
     category_ids, names = _categories(data)
+    if train.uncertainty:
+        pseudomask_uncertainty_paths(data, inputs.train.coco, min_score=train.min_score)
     val = inputs.val
     if val is not None:
         val_data = load_coco(val.coco, allow_outside_images=val.allow_outside_images)
@@ -111,6 +119,11 @@ def run_train_student(inputs: StudentInputs, output: str | Path, job: JobOptions
         if changed:
             raise JobError(f"{run_dir}: cannot resume with a different model (differs in: {', '.join(changed)}); "
                            "use the settings it was started with, or --overwrite")
+        started_with = bool(stored.get("train", {}).get("uncertainty", False))  # runs before the flag: off
+        if started_with != train.uncertainty:
+            flag = "--uncertainty" if started_with else "--no-uncertainty"
+            raise JobError(f"{run_dir}: cannot resume with a different uncertainty setting: the run was started with "
+                           f"{flag} (the loss would change mid-run); pass {flag}, or --overwrite")
         student = {**stored, "train": dataclasses.asdict(train)}
     else:
         source = resolve_pretrained(config.pretrained, backbone=model.backbone, on_event=on_event)

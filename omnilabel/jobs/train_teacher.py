@@ -23,7 +23,7 @@ from typing import Any
 
 from omnilabel import __version__
 from omnilabel.data.coco import category_names, load_coco
-from omnilabel.errors import JobError
+from omnilabel.errors import CheckpointError, JobError
 from omnilabel.events import OnEvent
 from omnilabel.io import atomic_path, file_sha256, write_json_atomic
 from omnilabel.jobs.options import Dataset, JobOptions
@@ -38,15 +38,19 @@ class TeacherRecipe:
 
     Attributes:
         finetune: the recipe; its ``batch_size`` is replaced by the job's when given.
-        sam: base SAM, a registry name or a checkpoint path (the paper's: ``vit_h``).
+        sam: base SAM, a registry name or a checkpoint path; None: the base of ``teacher``, else ``vit_h``
+            (the paper's).
         clip: CLIP for the class module (class-aware runs only), a registry name or a checkpoint path.
         clip_arch: its ``open_clip`` architecture (default: the registry's, else ``ViT-B-32``).
+        teacher: a fine-tuned teacher file to start from (its prompt encoder and decoder, on its encoder);
+            for ``prompts refine``, the teacher whose pseudomasks the refiner will refine.
     """
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    sam: str = "vit_h"
+    sam: str | None = None
     clip: str = "clip-vit-b-32"
     clip_arch: str | None = None
+    teacher: str | None = None
 
 
 def _source(name_or_path: str) -> str:
@@ -132,11 +136,20 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
 
     from omnilabel.models.registry import resolve
     from omnilabel.models.sam_loader import load_sam
-    from omnilabel.teachers.loading import model_id
+    from omnilabel.teachers.loading import DEFAULT_SAM, model_id
     from omnilabel.teachers.teacher_ckpt import file_size_mb, state_dict_sha256
 
-    base_path = resolve(config.sam, kind="sam", on_event=on_event)
-    encoder_sha = state_dict_sha256(load_sam(base_path).image_encoder.state_dict())
+    start, start_sha = _start_teacher(config.teacher)
+    sam_name = config.sam or (start.base_source if start is not None else DEFAULT_SAM)
+    base_path: Path | None = None
+    if start is not None and start.encoder_included:
+        encoder_sha = start.encoder_sha256
+    else:
+        base_path = resolve(sam_name, kind="sam", on_event=on_event)
+        encoder_sha = state_dict_sha256(load_sam(base_path).image_encoder.state_dict())
+        if start is not None and start.encoder_sha256 != encoder_sha:
+            raise CheckpointError(f"teacher {start.path} was fine-tuned from SAM {start.meta['base']['id']!r}, "
+                                  f"not from {sam_name}; pass --sam {start.base_source}")
     class_ids: tuple[int, ...] = ()
     class_text, clip_rec = None, None
     if recipe.class_aware:
@@ -146,27 +159,54 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
 
     paths = RunPaths(job.job_dir_for(output, ".run"))
     manifest = {"omnilabel": __version__, "command": "finetune-teacher", "input_sha256": file_sha256(inputs.coco),
-                "images_dir": str(images_dir), "base_encoder_sha256": encoder_sha,
+                "images_dir": str(images_dir), "base_encoder_sha256": encoder_sha, "start_teacher_sha256": start_sha,
                 "clip_sha256": clip_rec["sha256"] if clip_rec else None, "config": recipe.to_dict()}
     _open_run(paths, manifest, resume=job.resume, overwrite=job.overwrite)
-    setup = FinetuneSetup(config=recipe, base_path=str(base_path), base_id=model_id(config.sam),
-                          base_source=_source(config.sam), base_encoder_sha256=encoder_sha, images=tuple(images),
+    base_id, base_source = model_id(sam_name), _source(sam_name)
+    if start is not None and config.sam is None:
+        base_id, base_source = str(start.meta["base"]["id"]), start.base_source
+    setup = FinetuneSetup(config=recipe, base_path=None if base_path is None else str(base_path), base_id=base_id,
+                          base_source=base_source, base_encoder_sha256=encoder_sha, images=tuple(images),
                           instances=tuple(instances), run_dir=str(paths.root.resolve()), class_ids=class_ids,
                           class_text=class_text, clip=clip_rec,
-                          threads=0 if job.in_process or job.gpu else job.threads_per_worker())
+                          threads=0 if job.in_process or job.gpu else job.threads_per_worker(),
+                          start_teacher=None if start is None else str(start.path.resolve()),
+                          start_teacher_sha256=start_sha)
     if job.in_process:
         result = train_worker(setup, device=job.device, on_event=on_event)
     else:
         from omnilabel.jobs.ray_train import fit_on_ray
 
-        start = _last_step(paths)
+        first = _last_step(paths)
         records = fit_on_ray(train_worker, setup, job=job, name="finetune-teacher", run_dir=paths.root,
                              log=paths.log, on_event=on_event)
         losses = [r for r in records if r.get("event") == "step"]
-        result = {"steps": recipe.steps, "start_step": start, "last": losses[-1] if losses else {}}
+        pairs = [r for r in records if r.get("event") == "pairs"]
+        result = {"steps": recipe.steps, "start_step": first, "last": losses[-1] if losses else {},
+                  "pairs": {"kept": pairs[-1]["kept"], "dropped": pairs[-1]["dropped"]} if pairs else None}
     _copy_atomic(paths.teacher, output)
     return {"output": str(output), "run_dir": str(paths.root), "size_mb": file_size_mb(output), "images": len(images),
             "instances": len(instances), "wall_s": time.perf_counter() - t0, **result}
+
+
+def _start_teacher(path: str | None) -> tuple[Any, str | None]:
+    """The teacher file a run starts from, read and hashed (``(None, None)`` without one).
+
+    Raises:
+        CheckpointError: unreadable, or a kind a run cannot start from (class-aware, a refiner).
+    """
+    if path is None:
+        return None, None
+    from omnilabel.teachers.teacher_ckpt import read_teacher
+
+    tf = read_teacher(path)
+    if tf.class_aware:
+        raise CheckpointError(f"--teacher {path}: fine-tuning starts from a teacher without a class module; "
+                              "this one is class-aware")
+    if tf.meta.get("prompts") == "refine":
+        raise CheckpointError(f"--teacher {path} is a refiner (finetune-teacher --prompts refine): start from the "
+                              "teacher that makes the pseudomasks")
+    return tf, file_sha256(tf.path)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

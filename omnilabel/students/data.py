@@ -7,6 +7,13 @@ mask (weak boxes, points, tags left over) are skipped, as are images left withou
 ``FILTER_EMPTY_ANNOTATIONS``). Each target carries a weight: 1 for ground truth, ``pseudo_weight`` for a
 pseudomask (see ``omnilabel.students.loss`` for what it scales).
 
+Certainty (``train-student --uncertainty``): a pseudomask target also carries its uncertainty map ``u``
+(``omnilabel.data.maps``), read per sample like the masks; the sample then has one certainty map
+``c = 1 - u`` per target, (N, H, W) float32 in [0, 1], 1 everywhere for ground truth. It goes through exactly
+the crop, resize, pad and flip of the masks (bilinear, antialiased, like the image; the masks are nearest),
+and the padding is ``c = 1`` (:data:`CERTAINTY_PAD`): a padded pixel is certainly not the object, as it is
+for ground truth. Without ``--uncertainty`` no certainty map is built.
+
 Masks are decoded per sample, in the DataLoader's workers, so memory holds COCO strings, not bitmaps.
 
 Augmentation (Mask2Former's large-scale jitter, LSJ): scale the image so it fits a square of
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,8 @@ import torch.nn.functional as F
 
 from omnilabel.data.coco import annotations_by_image, resolve_image_path
 from omnilabel.data.images import read_image_rgb
+from omnilabel.data.maps import read_uncertainty_map
+from omnilabel.errors import InputError
 from omnilabel.ops.masks import rle_to_masks
 
 #: ImageNet mean and std of RGB in [0, 255] (what the ResNet backbones were trained with).
@@ -46,6 +55,9 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 #: Evaluation inputs are padded to a multiple of this (the backbone's stride; Mask2Former: 32).
 SIZE_DIVISIBILITY = 32
+#: Certainty of the padding LSJ adds: the padding is certainly not the object, so it counts fully there, as
+#: without ``--uncertainty``.
+CERTAINTY_PAD = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class Sample:
         path: the image file. height, width: its size (from the COCO file).
         segmentations: the targets' COCO segmentations (any form).
         labels: contiguous class labels in [0, K). weights: loss weights >= 0.
+        uncertainty_maps: only with ``--uncertainty``: per target, ``(annotation id, uncertainty map file)``
+            for a pseudomask, None for ground truth (certainty 1).
     """
 
     path: str
@@ -64,11 +78,25 @@ class Sample:
     segmentations: list[Any]
     labels: list[int]
     weights: list[float]
+    uncertainty_maps: list[tuple[int, str] | None] | None = None
+
+
+def target_kind(ann: dict[str, Any], *, min_score: float = 0.0) -> str:
+    """What :func:`training_samples` makes of an annotation: ``gt`` or ``pseudo`` (a target), or why it is
+    dropped: ``crowd``, ``no_mask``, ``low_score``."""
+    source = (ann.get("omnilabel") or {}).get("source", "gt")
+    if ann.get("iscrowd", 0):
+        return "crowd"
+    if ann.get("segmentation") in (None, [], {}):
+        return "no_mask"
+    if source == "pseudo" and float(ann.get("score", 1.0)) < min_score:
+        return "low_score"
+    return "pseudo" if source == "pseudo" else "gt"
 
 
 def training_samples(data: dict[str, Any], images_dir: Path, *, category_ids: Sequence[int], min_score: float = 0.0,
-                     pseudo_weight: float = 1.0, allow_outside_images: bool = False
-                     ) -> tuple[list[Sample], Counter]:
+                     pseudo_weight: float = 1.0, allow_outside_images: bool = False,
+                     uncertainty_paths: Mapping[int, Path] | None = None) -> tuple[list[Sample], Counter]:
     """The student's training images from a validated COCO dict (see the module docstring for the rules).
 
     Args:
@@ -78,36 +106,78 @@ def training_samples(data: dict[str, Any], images_dir: Path, *, category_ids: Se
         min_score: pseudomasks with a lower ``score`` are dropped (ground truth never is).
         pseudo_weight: loss weight of a pseudomask.
         allow_outside_images: accept absolute ``file_name``s or ones that climb out of ``images_dir``.
+        uncertainty_paths: ``{annotation id: uncertainty map file}`` covering every pseudomask target
+            (``omnilabel.students.certainty.pseudomask_uncertainty_paths``); given, samples carry
+            ``uncertainty_maps``. None: they do not.
 
     Returns:
         ``(samples, counts)``; counts of ``gt``, ``pseudo`` targets kept, ``low_score``, ``crowd``,
         ``no_mask`` annotations dropped, ``empty_images`` skipped.
+
+    Raises:
+        InputError: with ``uncertainty_paths``, a pseudomask target missing from it.
     """
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     counts: Counter = Counter()
     samples = []
     by_image = annotations_by_image(data)
     for img in data["images"]:
-        segs, labels, weights = [], [], []
+        segs, labels, weights, maps = [], [], [], []
         for ann in by_image[img["id"]]:
-            source = (ann.get("omnilabel") or {}).get("source", "gt")
-            if ann.get("iscrowd", 0):
-                counts["crowd"] += 1
-            elif ann.get("segmentation") in (None, [], {}):
-                counts["no_mask"] += 1
-            elif source == "pseudo" and float(ann.get("score", 1.0)) < min_score:
-                counts["low_score"] += 1
-            else:
-                counts["pseudo" if source == "pseudo" else "gt"] += 1
-                segs.append(ann["segmentation"])
-                labels.append(label_of[ann["category_id"]])
-                weights.append(pseudo_weight if source == "pseudo" else 1.0)
+            kind = target_kind(ann, min_score=min_score)
+            counts[kind] += 1
+            if kind not in ("gt", "pseudo"):
+                continue
+            segs.append(ann["segmentation"])
+            labels.append(label_of[ann["category_id"]])
+            weights.append(pseudo_weight if kind == "pseudo" else 1.0)
+            if uncertainty_paths is not None:
+                maps.append(_map_of(ann, uncertainty_paths) if kind == "pseudo" else None)
         if not segs:
             counts["empty_images"] += 1
             continue
         path = resolve_image_path(images_dir, img["file_name"], allow_outside_images=allow_outside_images)
-        samples.append(Sample(str(path), int(img["height"]), int(img["width"]), segs, labels, weights))
+        samples.append(Sample(str(path), int(img["height"]), int(img["width"]), segs, labels, weights,
+                              maps if uncertainty_paths is not None else None))
     return samples, counts
+
+
+def _map_of(ann: dict[str, Any], uncertainty_paths: Mapping[int, Path]) -> tuple[int, str]:
+    path = uncertainty_paths.get(ann["id"])
+    if path is None:
+        raise InputError(f"annotation id={ann['id']}: omnilabel.uncertainty: no uncertainty map for this "
+                         "pseudomask; run `omnilabel uncertainty` on the file first")
+    return int(ann["id"]), str(path)
+
+
+def read_certainty(uncertainty_maps: Sequence[tuple[int, str] | None], size_hw: tuple[int, int]) -> np.ndarray:
+    """The certainty ``c = 1 - u`` of each target of a sample, read now (one sample at a time, never a dataset).
+
+    Args:
+        uncertainty_maps: a sample's ``uncertainty_maps``: ``(annotation id, map file)`` or None (ground truth).
+        size_hw: the decoded image's ``(H, W)``; every map must have it.
+
+    Returns:
+        (N, H, W) float32 in [0, 1]; 1 everywhere for ground truth.
+
+    Raises:
+        InputError: naming the annotation id and the file: a map is unreadable, out of range, or not of the
+            image's size.
+    """
+    certainty = np.ones((len(uncertainty_maps), *size_hw), dtype=np.float32)
+    for i, ref in enumerate(uncertainty_maps):
+        if ref is None:
+            continue
+        ann_id, path = ref
+        try:
+            umap = read_uncertainty_map(path)
+        except InputError as e:
+            raise InputError(f"annotation id={ann_id}: {e}") from None
+        if umap.size_hw != tuple(size_hw):
+            raise InputError(f"annotation id={ann_id}: {path}: uncertainty map of height x width "
+                             f"{umap.size_hw[0]}x{umap.size_hw[1]}, expected its image's {size_hw[0]}x{size_hw[1]}")
+        certainty[i] = 1.0 - umap.values
+    return certainty
 
 
 def _resize(t: torch.Tensor, size_hw: tuple[int, int], *, masks: bool) -> torch.Tensor:
@@ -144,6 +214,27 @@ def lsj(image: torch.Tensor, masks: torch.Tensor, *, rng: np.random.Generator, i
     Returns:
         ``(image (3, S, S) float32, masks (N, S, S) bool)``, aligned pixel for pixel.
     """
+    out_img, out_masks, _ = lsj_with_certainty(image, masks, None, rng=rng, image_size=image_size,
+                                               scale_range=scale_range, hflip_prob=hflip_prob)
+    return out_img, out_masks
+
+
+def lsj_with_certainty(image: torch.Tensor, masks: torch.Tensor, certainty: torch.Tensor | None, *,
+                       rng: np.random.Generator, image_size: int, scale_range: tuple[float, float] = (0.1, 2.0),
+                       hflip_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`lsj` that also carries one certainty map per mask through the same crop, resize, pad and flip.
+
+    The same draws from ``rng`` as :func:`lsj`, so image and masks are the same with or without certainty.
+
+    Args:
+        image, masks, rng, image_size, scale_range, hflip_prob: as :func:`lsj`.
+        certainty: (N, H, W) float32 in [0, 1], or None. Resized bilinearly (antialiased), padded with
+            :data:`CERTAINTY_PAD`. It is resized as ``1 - c`` (the uncertainty), so that where ``c`` is 1 —
+            ground truth, and pixels far from a pseudomask — it stays exactly 1 (a resized constant 1 may not).
+
+    Returns:
+        ``(image (3, S, S), masks (N, S, S) bool, certainty (N, S, S) float32 in [0, 1] or None)``.
+    """
     _, height, width = image.shape
     s = rng.uniform(*scale_range)
     factor = min(image_size * s / height, image_size * s / width)
@@ -157,16 +248,19 @@ def lsj(image: torch.Tensor, masks: torch.Tensor, *, rng: np.random.Generator, i
     sy1, sx1 = min(math.ceil((y0 + crop_h) / factor), height), min(math.ceil((x0 + crop_w) / factor), width)
     out_hw = (max(round((sy1 - sy0) * factor), 1), max(round((sx1 - sx0) * factor), 1))
     oy, ox = y0 - round(sy0 * factor), x0 - round(sx0 * factor)
-    region_img = _resize(image[:, sy0:sy1, sx0:sx1], out_hw, masks=False)[:, oy:oy + crop_h, ox:ox + crop_w]
-    region_masks = _resize(masks[:, sy0:sy1, sx0:sx1], out_hw, masks=True)[:, oy:oy + crop_h, ox:ox + crop_w]
-    out_img = image.new_zeros((3, image_size, image_size))
-    out_masks = torch.zeros((masks.shape[0], image_size, image_size), dtype=torch.bool)
-    h, w = region_img.shape[1:]
-    out_img[:, :h, :w] = region_img
-    out_masks[:, :h, :w] = region_masks[:, :h, :w]
-    if flip:
-        out_img, out_masks = out_img.flip(-1), out_masks.flip(-1)
-    return out_img, out_masks
+
+    def place(t: torch.Tensor, *, masks: bool, fill: float) -> torch.Tensor:
+        """Crop, resize, paste top-left into an S x S canvas of ``fill``, flip."""
+        region = _resize(t[:, sy0:sy1, sx0:sx1], out_hw, masks=masks)[:, oy:oy + crop_h, ox:ox + crop_w]
+        out = torch.full((t.shape[0], image_size, image_size), fill, dtype=region.dtype)
+        out[:, :region.shape[1], :region.shape[2]] = region
+        return out.flip(-1) if flip else out
+
+    out_certainty = None
+    if certainty is not None:
+        uncertainty = place(1.0 - certainty.float(), masks=False, fill=1.0 - CERTAINTY_PAD)
+        out_certainty = (1.0 - uncertainty).clamp_(0.0, 1.0)
+    return place(image, masks=False, fill=0.0), place(masks, masks=True, fill=False), out_certainty
 
 
 def eval_size_hw(height: int, width: int, *, image_size: int, min_size: int | None = None,
@@ -226,7 +320,8 @@ def eval_resize(image: torch.Tensor, *, image_size: int, min_size: int | None = 
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Items are ``(index, seed)`` pairs from :class:`EpochBatchSampler`; each returns one augmented sample.
+    """Items are ``(index, seed)`` pairs from :class:`EpochBatchSampler`; each returns one augmented sample,
+    with ``certainty`` when the sample carries ``uncertainty_maps``.
 
     Args:
         samples: the training images.
@@ -250,20 +345,31 @@ class TrainDataset(torch.utils.data.Dataset):
         rgb = read_image_rgb(sample.path)
         height, width = rgb.shape[:2]
         masks = torch.from_numpy(rle_to_masks(sample.segmentations, height, width))
-        image, masks = lsj(normalize(rgb), masks, rng=np.random.default_rng(seed), image_size=self.image_size,
-                           scale_range=self.scale_range, hflip_prob=self.hflip_prob)
+        certainty = None
+        if sample.uncertainty_maps is not None:
+            certainty = torch.from_numpy(read_certainty(sample.uncertainty_maps, (height, width)))
+        image, masks, certainty = lsj_with_certainty(
+            normalize(rgb), masks, certainty, rng=np.random.default_rng(seed), image_size=self.image_size,
+            scale_range=self.scale_range, hflip_prob=self.hflip_prob)
         keep = masks.flatten(1).any(1)
-        return {"pixel_values": image, "mask_labels": masks[keep],
+        item = {"pixel_values": image, "mask_labels": masks[keep],
                 "class_labels": torch.tensor(sample.labels, dtype=torch.int64)[keep],
                 "weights": torch.tensor(sample.weights, dtype=torch.float32)[keep]}
+        if certainty is not None:
+            item["certainty"] = certainty[keep]
+        return item
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Stack images to (B, 3, S, S); masks (float32 in {0, 1}), labels and weights stay per-image lists."""
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "mask_labels": [it["mask_labels"].float() for it in items],
-            "class_labels": [it["class_labels"] for it in items],
-            "weights": [it["weights"] for it in items]}
+    """Stack images to (B, 3, S, S); masks (float32 in {0, 1}), labels, weights and, when the items have it,
+    ``certainty`` ((N_b, S, S) float32 in [0, 1]) stay per-image lists."""
+    batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+             "mask_labels": [it["mask_labels"].float() for it in items],
+             "class_labels": [it["class_labels"] for it in items],
+             "weights": [it["weights"] for it in items]}
+    if "certainty" in items[0]:
+        batch["certainty"] = [it["certainty"] for it in items]
+    return batch
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

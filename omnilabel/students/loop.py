@@ -14,6 +14,9 @@ or ``poly`` (the ``tiny`` preset: ``(1 - step / total) ** poly_power``). The fac
 alone, so a resumed run follows the same schedule as an uninterrupted one.
 Mixed precision on GPU (bf16 where supported, else fp16 with loss scaling); float32 on the CPU.
 
+With ``uncertainty`` (``--uncertainty``) each pseudomask's mask terms are weighted per point by its certainty
+``1 - u`` (``omnilabel.students.loss``); the maps are located before the first step and read with each sample.
+
 Validation predicts at the student's evaluation size (``student.json``; see ``omnilabel.students.data``).
 """
 
@@ -31,6 +34,7 @@ from omnilabel.data.coco import load_coco, resolve_image_path
 from omnilabel.data.images import read_image_rgb
 from omnilabel.errors import InputError
 from omnilabel.models.precision import autocast, needs_loss_scaling
+from omnilabel.students.certainty import pseudomask_uncertainty_paths
 from omnilabel.students.data import EpochBatchSampler, TrainDataset, collate, training_samples
 from omnilabel.students.inference import PredictConfig, coco_results, predict_images
 from omnilabel.students.loss import total_loss
@@ -158,7 +162,9 @@ def train_loop(setup: RunSetup, *, device: torch.device | str = "cpu", rank: int
         dropped), ``resumed_from``.
 
     Raises:
-        InputError: no training image has a usable mask. CheckpointError: bad weights or checkpoint.
+        InputError: no training image has a usable mask; with ``uncertainty``, a pseudomask without its
+            uncertainty map (or none at all), or a map not of its image's size. CheckpointError: bad weights or
+            checkpoint.
     """
     cfg, run_dir, device = setup.train, Path(setup.run_dir), torch.device(device)
     if setup.threads:
@@ -166,9 +172,12 @@ def train_loop(setup: RunSetup, *, device: torch.device | str = "cpu", rank: int
     torch.manual_seed(cfg.seed)
     student = read_student(run_dir)
     data = load_coco(setup.train_json, allow_outside_images=setup.allow_outside_images)
+    uncertainty_paths = (pseudomask_uncertainty_paths(data, setup.train_json, min_score=cfg.min_score)
+                         if cfg.uncertainty else None)
     samples, counts = training_samples(data, Path(setup.images_dir), category_ids=student["category_ids"],
                                        min_score=cfg.min_score, pseudo_weight=cfg.pseudo_weight,
-                                       allow_outside_images=setup.allow_outside_images)
+                                       allow_outside_images=setup.allow_outside_images,
+                                       uncertainty_paths=uncertainty_paths)
     if not samples:
         raise InputError(f"{setup.train_json}: no image has a usable mask to train on ({dict(counts)})")
     # The driver hands over a clean run directory unless resuming, so a checkpoint here is this run's: that of
@@ -272,11 +281,13 @@ def _train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict[str, A
     masks = [m.to(device, non_blocking=non_blocking) for m in batch["mask_labels"]]
     labels = [c.to(device) for c in batch["class_labels"]]
     weights = [w.to(device) for w in batch["weights"]]
+    certainty = ([c.to(device, non_blocking=non_blocking) for c in batch["certainty"]] if "certainty" in batch
+                 else None)
     with autocast(device):
         outputs = net(pixel_values=pixels, output_auxiliary_logits=True)
     aux = [{k: v.float() for k, v in layer.items()} for layer in outputs.auxiliary_logits or []]
     losses = model.criterion(outputs.masks_queries_logits.float(), outputs.class_queries_logits.float(), masks,
-                             labels, auxiliary_predictions=aux, target_weights=weights)
+                             labels, auxiliary_predictions=aux, target_weights=weights, target_certainty=certainty)
     loss = total_loss(losses, model.weight_dict)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

@@ -76,6 +76,9 @@ class TrainConfig:
         hflip_prob: horizontal flip probability (Mask2Former: 0.5).
         min_score: pseudomasks scoring lower are not trained on (0: all kept).
         pseudo_weight: loss weight of a pseudomask target (ground truth: 1); see ``students.loss``.
+        uncertainty: weight each pseudomask's mask terms per point by its certainty ``1 - u`` (its uncertainty
+            map, ``omnilabel.uncertainty``; ground truth: 1); see ``students.loss``. Off: Mask2Former's loss.
+            A run cannot be resumed with the other value.
         checkpoint_every: steps between checkpoints (one is also written at each epoch end).
         keep_checkpoints: step checkpoints kept (older ones are deleted).
         log_every: steps between metrics records.
@@ -98,6 +101,7 @@ class TrainConfig:
     hflip_prob: float = 0.5
     min_score: float = 0.0
     pseudo_weight: float = 1.0
+    uncertainty: bool = False
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 20

@@ -60,7 +60,11 @@ class FinetuneConfig:
     """Settings of one fine-tuning run.
 
     Attributes:
-        prompts: ``points`` (P-SAM), ``boxes`` (box-SAM) or ``points+boxes`` (BP-SAM) (paper §3.4).
+        prompts: ``points`` (P-SAM), ``boxes`` (box-SAM) or ``points+boxes`` (BP-SAM) (paper §3.4), or
+            ``refine``: SUM's refinement module (``omnilabel.teachers.uncertainty``): each GT mask's SAM mask
+            (its logits) + that mask's box + the click that made it, trained to give the GT mask.
+        min_iou: ``refine`` only: training pairs whose SAM mask has IoU with the GT below this are dropped
+            (SUM: 0.7).
         class_aware: train the class prompt of Eq. (1)–(2) (paper: every setting but box + class).
         steps: optimizer steps (paper: 36,874 = 10 epochs of 10 % of COCO).
         lr_drop_step: step from which the lr is ``lr * lr_drop_factor`` (paper: 27,655); None = 75 % of
@@ -86,6 +90,7 @@ class FinetuneConfig:
     """
 
     prompts: PromptMode = "points+boxes"
+    min_iou: float = 0.7
     class_aware: bool = False
     steps: int = 36_874
     lr_drop_step: int | None = None
@@ -111,6 +116,11 @@ class FinetuneConfig:
         problems = []
         if self.prompts not in PROMPT_MODES:
             problems.append(f"prompts must be one of {', '.join(PROMPT_MODES)}, got {self.prompts!r}")
+        if not 0.0 <= self.min_iou <= 1.0:
+            problems.append(f"min_iou must be in [0, 1], got {self.min_iou}")
+        if self.prompts == "refine" and (self.class_aware or self.train_encoder):
+            problems.append("a refiner (prompts refine) decodes from the teacher's frozen encoder and takes no "
+                            "class: it cannot be trained with --class-aware or --train-encoder")
         for name in ("steps", "batch_size", "num_points", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -223,8 +233,8 @@ class SamTrainable(nn.Module):
             features: (B, C, g, g) cached image embeddings, one per prompt (when the encoder is frozen).
             images: (U, 3, S, S) preprocessed images (when the encoder trains); image_index: (B,) int64 rows.
             groups: each ``{"index": (b,) int64 prompt rows, "points": (b, 1, 2) | None, "labels": (b, 1) |
-                None, "boxes": (b, 4) | None, "text": (b, D) | None, "multimask": bool}``, coordinates in the
-                resized input frame.
+                None, "boxes": (b, 4) | None, "text": (b, D) | None, "masks": (b, 1, 4g, 4g) | None (mask
+                prompt logits), "multimask": bool}``, coordinates in the resized input frame.
 
         Returns:
             Per group ``(logits (b, K, 4g, 4g), iou (b, K))``.
@@ -242,7 +252,7 @@ class SamTrainable(nn.Module):
                 sparse, dense = self.class_prompt(self.prompt_encoder, points=points, boxes=g["boxes"], masks=None,
                                                   text_embeddings=g["text"])
             else:
-                sparse, dense = self.prompt_encoder(points=points, boxes=g["boxes"], masks=None)
+                sparse, dense = self.prompt_encoder(points=points, boxes=g["boxes"], masks=g.get("masks"))
             with self._autocast(features.device):
                 logits, iou = decode_per_instance(self.mask_decoder, features[g["index"]], image_pe, sparse, dense,
                                                   multimask=bool(g["multimask"]))

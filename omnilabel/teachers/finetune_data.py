@@ -42,16 +42,19 @@ from omnilabel.io import save_torch_atomic
 from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
 
-PromptMode = Literal["points", "boxes", "points+boxes"]
-PROMPT_MODES: tuple[str, ...] = ("points", "boxes", "points+boxes")
+PromptMode = Literal["points", "boxes", "points+boxes", "refine"]
+PROMPT_MODES: tuple[str, ...] = ("points", "boxes", "points+boxes", "refine")
 
 
 def parse_prompt_mode(text: str) -> PromptMode:
-    """``points``, ``boxes`` or ``points+boxes`` (also written ``points,boxes`` or ``boxes+points``).
+    """``points``, ``boxes`` or ``points+boxes`` (also written ``points,boxes`` or ``boxes+points``), or
+    ``refine`` (SUM's refinement module: a SAM mask's logits + its box + its point, ``teachers.uncertainty``).
 
     Raises:
         InputError: anything else.
     """
+    if str(text).strip().lower() == "refine":
+        return "refine"
     parts = {p.strip().lower() for p in str(text).replace(",", "+").split("+") if p.strip()}
     if parts == {"points"}:
         return "points"
@@ -59,7 +62,7 @@ def parse_prompt_mode(text: str) -> PromptMode:
         return "boxes"
     if parts == {"points", "boxes"}:
         return "points+boxes"
-    raise InputError(f"--prompts must be points, boxes or points+boxes, got {text!r}")
+    raise InputError(f"--prompts must be points, boxes, points+boxes or refine, got {text!r}")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from omnilabel.teachers.finetune_data import (
     sample_prompt,
 )
 from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
+from omnilabel.teachers.uncertainty import PairSet, build_refine_pairs, pair_dir_key
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -53,9 +54,12 @@ class FinetuneSetup:
 
     Attributes:
         config: the recipe.
-        base_path: the base SAM checkpoint file. base_id: its short name; base_source: the name or absolute
-            path the user gave (recorded, and the default ``--sam`` of ``pseudomask --teacher``).
-        base_encoder_sha256: ``state_dict_sha256`` of the base's image encoder.
+        base_path: the base SAM checkpoint file (None when ``start_teacher`` holds its encoder). base_id: its
+            short name; base_source: the name or absolute path the user gave (recorded, and the default
+            ``--sam`` of ``pseudomask --teacher``).
+        base_encoder_sha256: ``state_dict_sha256`` of the image encoder the run decodes from.
+        start_teacher: a teacher file to start from instead of the base SAM's decoder (``--teacher``), or None.
+        start_teacher_sha256: its file's sha256 (each worker checks it reads the same file).
         images: the fully annotated images. instances: their GT masks.
         run_dir: the run directory.
         class_ids: category ids, in the row order of ``class_text``.
@@ -65,7 +69,7 @@ class FinetuneSetup:
     """
 
     config: FinetuneConfig
-    base_path: str
+    base_path: str | None
     base_id: str
     base_source: str
     base_encoder_sha256: str
@@ -76,6 +80,8 @@ class FinetuneSetup:
     class_text: np.ndarray | None = None
     clip: dict[str, Any] | None = None
     threads: int = 0
+    start_teacher: str | None = None
+    start_teacher_sha256: str | None = None
 
 
 class RunPaths:
@@ -135,6 +141,9 @@ class _Batcher:
         self.class_rows = {c: i for i, c in enumerate(setup.class_ids)}
         self.text = None if setup.class_text is None else torch.as_tensor(setup.class_text, device=device)
         self._images: dict[int, torch.Tensor] = {}
+        #: The refiner's training pairs (``prompts refine``), set by ``train_worker``.
+        self.pairs: PairSet | None = None
+        self._pair_logits: dict[Any, torch.Tensor] = {}
 
     def _image(self, index: int) -> torch.Tensor:
         """(3, h', w') uint8 resized image, kept in memory (``--train-encoder`` runs only)."""
@@ -172,8 +181,37 @@ class _Batcher:
                                         bounds_wh=bounds)
         return point, box
 
+    def _refine_step(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
+        """A step of refiner pairs: the SAM mask's logits + its box + its click, target the GT mask."""
+        cfg, dev, pairs = self.setup.config, self.device, self.pairs
+        assert pairs is not None and self.cache is not None
+        positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(pairs), seed=cfg.seed,
+                                             rank=self.rank, world_size=self.world_size)
+        b = len(positions)
+        feats, gts, pts, bxs, logits = [], [], np.zeros((b, 2)), np.zeros((b, 4)), []
+        for j, idx in enumerate(indices):
+            k = int(pairs.instance[idx])
+            inst = self.setup.instances[k]
+            f, input_size, original = self.cache.load(self.setup.images[inst.image_index].image_id)
+            feats.append(f)
+            pts[j] = self.transform.apply_coords(pairs.point[idx][None], tuple(original))[0]
+            bxs[j] = self.transform.apply_boxes(pairs.box[idx][None], tuple(original))[0]
+            logits.append(pairs.logits(k, self._pair_logits))
+            gts.append(mask_in_input_frame(decode_mask(inst), input_size=tuple(input_size),
+                                           image_size=self.image_size, device=dev))
+        group = {"index": torch.arange(b, device=dev),
+                 "points": torch.as_tensor(pts, dtype=torch.float32, device=dev)[:, None],
+                 "labels": torch.ones((b, 1), dtype=torch.int, device=dev),
+                 "boxes": torch.as_tensor(bxs, dtype=torch.float32, device=dev),
+                 "masks": torch.stack(logits).to(dev, torch.float32)[:, None], "text": None, "multimask": False}
+        inputs = {"features": torch.stack(feats).to(dev, torch.float32), "images": None, "image_index": None,
+                  "groups": [group], "positions": positions}
+        return inputs, torch.stack(gts), b
+
     def __call__(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
         """``(model inputs + "positions" (b,) global batch positions, gt (b, 1, S, S), b)`` of step ``step``."""
+        if self.pairs is not None:
+            return self._refine_step(step)
         cfg, dev = self.setup.config, self.device
         positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(self.setup.instances),
                                              seed=cfg.seed, rank=self.rank, world_size=self.world_size)
@@ -241,8 +279,10 @@ def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     encoder_sha = (state_dict_sha256(model.image_encoder.state_dict()) if model.image_encoder is not None
                    else setup.base_encoder_sha256)
+    start = None if setup.start_teacher is None else {"id": Path(setup.start_teacher).name,
+                                                      "sha256": setup.start_teacher_sha256}
     return {"format": TEACHER_FORMAT, "version": TEACHER_VERSION, "prompts": cfg.prompts,
-            "class_aware": cfg.class_aware, "step": step,
+            "class_aware": cfg.class_aware, "step": step, "start": start,
             "base": {"id": setup.base_id, "source": setup.base_source, "encoder_sha256": setup.base_encoder_sha256},
             "encoder_sha256": encoder_sha, "encoder_included": cfg.train_encoder, "arch": arch,
             "clip": setup.clip, "config": cfg.to_dict(), "state": state}
@@ -267,25 +307,31 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         JobError: the checkpoint in the run directory belongs to another run.
         InputError: an unreadable or mis-sized image.
     """
-    from omnilabel.models.registry import WeightRef, locate
-    from omnilabel.models.sam_loader import load_sam, sam_arch_from_state_dict
+    from omnilabel.models.sam_loader import sam_arch_from_state_dict
 
     cfg = setup.config
     if setup.threads > 0:
         torch.set_num_threads(setup.threads)
     dev = torch.device(device)
     paths = RunPaths(setup.run_dir)
-    # The driver resolved the base SAM (it hashes its encoder); on a cluster this worker's node must see the
-    # same file: the registry's check names the node and what to do.
-    base = locate(WeightRef("base SAM", setup.base_path))
-    sam = load_sam(base, device=device)
+    sam = _start_sam(setup, device)
     arch = asdict(sam_arch_from_state_dict(sam.state_dict()))
-    cache, encoded = None, 0
+    cache, encoded, pairs = None, 0, None
     if not cfg.train_encoder:
         cache = EmbeddingCache(paths.embeddings(setup.base_encoder_sha256))
         encoded = encode_missing(sam, cache, setup.images, rank=rank, world_size=world_size, device=device)
         if _distributed(world_size):
             torch.distributed.barrier()
+    if cfg.prompts == "refine":
+        assert cache is not None
+        decoder_sha = state_dict_sha256({**{f"p.{k}": v for k, v in sam.prompt_encoder.state_dict().items()},
+                                         **{f"m.{k}": v for k, v in sam.mask_decoder.state_dict().items()}})
+        pair_dir = cache.root / pair_dir_key(decoder_sha, cfg.seed)
+        build_refine_pairs(sam, cache, setup.images, setup.instances, pair_dir=pair_dir, seed=cfg.seed, rank=rank,
+                           world_size=world_size, device=device)
+        if _distributed(world_size):
+            torch.distributed.barrier()
+        pairs = PairSet.read(pair_dir, setup.images, min_iou=cfg.min_iou)
     model = _build_model(setup, sam, dev)
     params = model.freeze_for(cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -304,6 +350,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
     batcher = _Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=dev)
+    batcher.pairs = pairs
     meter, last = LossMeter(), {}
 
     def log(record: dict[str, Any]) -> None:
@@ -312,6 +359,8 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
             if on_event is not None:
                 on_event(record)
 
+    if pairs is not None:
+        log({"event": "pairs", "kept": len(pairs), "dropped": pairs.dropped, "min_iou": cfg.min_iou})
     log({"event": "start", "step": start, "total_steps": cfg.steps})
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
@@ -349,4 +398,28 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         save_torch_atomic(_teacher_file(setup, model, arch, cfg.steps), paths.teacher)
     if _distributed(world_size):
         torch.distributed.barrier()
-    return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "last": last}
+    return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "last": last,
+            "pairs": None if pairs is None else {"kept": len(pairs), "dropped": pairs.dropped}}
+
+
+def _start_sam(setup: FinetuneSetup, device: str) -> Sam:
+    """The SAM the run starts from: the base SAM, or the ``start_teacher``'s decoder on its encoder.
+
+    The driver resolved and hashed the files; on a cluster this worker's node must see the same ones (the
+    registry's check names the node and what to do).
+    """
+    from omnilabel.models.registry import WeightRef, locate
+    from omnilabel.models.sam_loader import load_sam
+    from omnilabel.teachers.teacher_ckpt import attach_teacher, build_full_sam, read_teacher
+
+    tf = None
+    if setup.start_teacher is not None:
+        tf = read_teacher(locate(WeightRef("teacher", setup.start_teacher, sha256=setup.start_teacher_sha256)))
+        if tf.encoder_included:
+            return build_full_sam(tf, device=device)
+    if setup.base_path is None:
+        raise InputError("a fine-tuning run needs a base SAM, or a teacher that holds its image encoder")
+    sam = load_sam(locate(WeightRef("base SAM", setup.base_path)), device=device)
+    if tf is None:
+        return sam
+    return attach_teacher(tf, sam, encoder_sha256=setup.base_encoder_sha256, encoder_name=f"--sam {setup.base_id}")
