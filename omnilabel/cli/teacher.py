@@ -57,6 +57,9 @@ def pseudomask(
     clip: Annotated[str | None, typer.Option(
         help="CLIP for class-aware teachers, a name or a path [default: the one the teacher was trained "
              "with]; loaded only when a teacher has a class module.")] = None,
+    refiner: Annotated[Path | None, typer.Option(
+        help="SUM refiner (`finetune-teacher --prompts refine`): also write each pseudomask's uncertainty map "
+             "(OUTPUT.uncertainty/) and `omnilabel.uncertainty_mean`, in the same pass.")] = None,
     box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
     nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
     encoder_batch: Annotated[int, typer.Option(
@@ -87,7 +90,8 @@ def pseudomask(
     roles = {"teacher": teacher, "teacher_box": teacher_box, "teacher_point": teacher_point,
              "teacher_refine": teacher_refine}
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou,
-                       clip=clip, **{k: str(v) for k, v in roles.items() if v is not None})
+                       clip=clip, refiner=None if refiner is None else str(refiner),
+                       **{k: str(v) for k, v in roles.items() if v is not None})
     config = PseudomaskConfig(teachers=spec, pipeline=PipelineConfig(weak=weak, box_threshold=box_threshold,
                                                                       refine=refine),
                               throughput=Throughput(encoder_batch=encoder_batch, prefetch=prefetch))
@@ -178,3 +182,51 @@ def finetune_teacher(
         rows.append(("last loss", f"{summary['last']['loss']:.4f}"))
     rows += [("run directory", summary["run_dir"]), ("wall time", f"{summary['wall_s']:.1f} s")]
     out.print(table(f"wrote {summary['output']} ({summary['size_mb']} MB)", rows))
+
+
+@app.command()
+def uncertainty(
+    coco: Annotated[Path, typer.Argument(help="A pseudomask file (`omnilabel pseudomask` output).")],
+    refiner: Annotated[Path, typer.Option(
+        help="SUM refiner of the teacher that made the file (`finetune-teacher --prompts refine "
+             "--teacher T.pt`).")],
+    images: Images = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="COCO JSON with the maps [default: COCO.uncertainty.json beside the input]; the maps "
+                               "go to OUTPUT.uncertainty/.")] = None,
+    sam: Annotated[str | None, typer.Option(
+        help="Base SAM, when the one the file records has moved [default: the recorded one].")] = None,
+    num_workers: NumWorkers = None,
+    address: Address = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = None,
+    job_dir: JobDir = None,
+    overwrite: Overwrite = False,
+    allow_outside_images: AllowOutsideImages = False,
+) -> None:
+    """Add SUM uncertainty maps to the pseudomasks of an existing pseudomask file.
+
+    Each image is encoded once; each pseudomask is decoded again from its recorded prompt with the SAMs the
+    file records (a different teacher file is refused, and the decoded mask must equal the stored one), then
+    the refiner refines it: u = |sigmoid(s) - sigmoid(refined)| per pixel. Every pseudomask gets
+    `omnilabel.uncertainty` (a 16-bit PNG map) and `omnilabel.uncertainty_mean` (mean u over the mask and a
+    3-pixel band around it). GT annotations are copied as they are. Resumable; `--num-workers N` runs on
+    Ray. Default `--batch-size`: 16 images per shard. `pseudomask --refiner` does the same in its own pass.
+    """
+    from omnilabel.jobs.options import Dataset
+    from omnilabel.jobs.uncertainty import UncertaintyConfig, run_uncertainty
+
+    job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite)
+    target = output or default_output(coco, ".uncertainty.json")
+    with events("uncertainty") as on_event:
+        summary = run_uncertainty(Dataset(coco, images, allow_outside_images), target,
+                                  UncertaintyConfig(refiner=str(refiner), sam=sam), job, on_event=on_event)
+    rows = [("images", str(summary["images"])), ("pseudomasks scored", str(summary["scored"])),
+            ("mean uncertainty_mean", f"{summary['mean_uncertainty']:.4f}"),
+            ("images that failed", str(summary["errors"]))]
+    if summary["skipped_shards"]:
+        rows.append(("shards resumed (not recomputed)", str(summary["skipped_shards"])))
+    if summary["errors"]:
+        rows.append(("failed images listed in", summary["errors_path"]))
+    rows += [("maps", summary["maps"]), ("wall time", f"{summary['wall_s']:.1f} s")]
+    out.print(table(f"wrote {summary['output']}", rows))

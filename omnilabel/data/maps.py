@@ -114,6 +114,35 @@ class UncertaintyMap:
         return path
 
 
+@dataclass(frozen=True)
+class MapFolder:
+    """Where a job writes the uncertainty maps of its pseudomasks: one 16-bit PNG per mask,
+    ``ROOT/<image id>/<key>.png``, named in the COCO file by a path relative to the file's folder.
+
+    Plain data (it travels to Ray workers); on a cluster ``root`` must be on storage every node sees, like the
+    job directory.
+
+    Attributes:
+        root: the folder, absolute.
+        ref: how the COCO file names ``root`` (relative to its folder, or absolute).
+    """
+
+    root: str
+    ref: str
+
+    @classmethod
+    def beside(cls, output: str | Path) -> MapFolder:
+        """The folder of a COCO output ``DIR/NAME.json``: ``DIR/NAME.uncertainty/``."""
+        output = Path(output).absolute()
+        name = output.name[:-5] if output.name.endswith(".json") else output.name
+        return cls(root=str(output.parent / f"{name}.uncertainty"), ref=f"{name}.uncertainty")
+
+    def write(self, image_id: int, key: int, u: np.ndarray) -> str:
+        """Save one map (atomically) and return what ``omnilabel.uncertainty`` holds for it."""
+        UncertaintyMap(u).save(Path(self.root) / str(int(image_id)) / f"{int(key)}.png")
+        return f"{self.ref}/{int(image_id)}/{int(key)}.png"
+
+
 def _read_png(path: Path) -> np.ndarray:
     """Unit-range float64 values of a 16- or 8-bit greyscale PNG."""
     with Image.open(path) as img:

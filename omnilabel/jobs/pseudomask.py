@@ -18,6 +18,7 @@ from typing import Any
 
 from omnilabel import __version__
 from omnilabel.data.coco import annotations_by_image, category_names, load_coco, resolve_image_path
+from omnilabel.data.maps import MapFolder
 from omnilabel.data.weak import ImagePlan, plan_weak
 from omnilabel.errors import InputError
 from omnilabel.events import OnEvent, emit
@@ -95,10 +96,14 @@ class PseudomaskWorker:
         categories: category id → name of the dataset.
         config: the pipeline setting.
         throughput: encoder batch and read-ahead (``Throughput``; default ``Throughput()``).
+        maps: where the uncertainty maps go when ``spec`` has a refiner (required then).
     """
 
     def __init__(self, spec: TeacherSpec, models: Mapping[str, WeightRef | Path], categories: dict[int, str],
-                 config: PipelineConfig, throughput: Throughput | None = None) -> None:
+                 config: PipelineConfig, throughput: Throughput | None = None, maps: MapFolder | None = None) -> None:
+        if spec.refiner is not None and maps is None:
+            raise InputError("a pseudomask worker with a refiner needs a folder for the uncertainty maps")
+        self.maps = maps
         self.throughput = throughput if throughput is not None else Throughput()
         paths = resolve_refs(models)
         self.pipeline = PseudomaskPipeline(load_teachers(spec, paths, categories=categories), categories,
@@ -148,6 +153,9 @@ class PseudomaskWorker:
             else:
                 seconds = dict(result.seconds)
                 seconds["read"] = read_s
+                for pos, u in result.maps.items():
+                    assert self.maps is not None
+                    result.annotations[pos]["omnilabel"]["uncertainty"] = self.maps.write(task.image_id, pos, u)
                 rec.update(annotations=result.annotations, counts=dict(result.counts), seconds=seconds)
             records[i] = rec
 
@@ -178,6 +186,21 @@ def plan_tasks(data: dict[str, Any], images_dir: Path, plans: Sequence[ImagePlan
     return [ImageTask(p.image_id, str(resolve_image_path(images_dir, paths[p.image_id],
                                                          allow_outside_images=allow_outside_images)),
                       by_image[p.image_id], p) for p in plans if p.left_out is None]
+
+
+def recorded_teachers(spec: TeacherSpec) -> dict[str, Any]:
+    """What a pseudomask file records of the SAMs that made it, for ``omnilabel uncertainty`` to load them
+    again: the base SAM (a name, or an absolute path), each teacher file (absolute), CLIP, and the multimask
+    rule. Their sha256s are in ``info.omnilabel.models``."""
+    def absolute(name: str | None) -> str | None:
+        if name is None:
+            return None
+        p = Path(name).expanduser()
+        return str(p.resolve()) if p.exists() else name
+
+    roles = {role: absolute(path) for role, path in spec.teacher_files().items() if role != "refiner"}
+    return {"sam": absolute(spec.sam), **roles, "clip": absolute(spec.clip),
+            "multimask_single_point": spec.multimask_single_point}
 
 
 def shards_of(tasks: Sequence[ImageTask], shard_size: int) -> list[list[ImageTask]]:
@@ -238,6 +261,7 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         manifest["models"][role] = model_id(path)
         manifest["models"][role + "_sha256"] = refs[role].sha256
     jobdir.open(manifest, overwrite=job.overwrite)
+    maps = MapFolder.beside(output) if spec.refiner is not None else None
     kept = {p.image_id for p in plan.kept}
     data = {**data, "images": [im for im in data["images"] if int(im["id"]) in kept]}
 
@@ -245,7 +269,7 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         # Every worker runs on this machine without --address: find (or download, with progress) the models
         # here once and hand over their paths; on a cluster each worker finds them on its own node.
         models = resolve_refs(refs, on_event=on_event) if job.address is None else refs
-        return (spec, models, category_names(data), config.pipeline, config.throughput)
+        return (spec, models, category_names(data), config.pipeline, config.throughput, maps)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
                                     executor=executor or executor_for(job, PseudomaskWorker, task_from_dict, on_event),
@@ -254,6 +278,7 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     header["info"] = {**(data.get("info") or {}), "omnilabel": {"command": "pseudomask",
                                                                  "weak": config.pipeline.weak.value,
                                                                  "models": manifest["models"],
+                                                                 "teachers": recorded_teachers(spec),
                                                                  "version": __version__}}
     errors_path = jobdir.path / "errors.jsonl"
     summary = merge_shards(jobdir, len(shards), header=header, output=output, errors_path=errors_path)

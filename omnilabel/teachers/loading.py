@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 #: The base SAM when neither ``--sam`` nor a teacher names one (the paper's).
 DEFAULT_SAM = "vit_h"
-#: The teacher roles of ``TeacherSpec``, in the order the base SAM and the encoder are looked up.
-ROLES = ("teacher", "teacher_box", "teacher_point", "teacher_refine")
+#: The teacher roles of ``TeacherSpec``, in the order the base SAM and the encoder are looked up; the last,
+#: ``refiner``, is SUM's refinement module (``finetune-teacher --prompts refine``), which scores pseudomasks.
+ROLES = ("teacher", "teacher_box", "teacher_point", "teacher_refine", "refiner")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class TeacherSpec:
         teacher_point: teacher file for stage 1 of the points setting (P-SAM), or None (``teacher``).
         teacher_refine: teacher file for stage 2 of the points setting (BP-SAM), or None (``teacher``).
         clip: CLIP name or path for class-aware teachers (default: the one the teacher was trained with).
+        refiner: SUM refinement module (a ``--prompts refine`` teacher file) that scores every pseudomask with an
+            uncertainty map, or None.
     """
 
     sam: str | None = None
@@ -68,6 +71,7 @@ class TeacherSpec:
     teacher_point: str | None = None
     teacher_refine: str | None = None
     clip: str | None = None
+    refiner: str | None = None
 
     @property
     def has_detector(self) -> bool:
@@ -107,7 +111,25 @@ def _read_files(spec: TeacherSpec) -> dict[str, TeacherFile]:
     for path in spec.teacher_files().values():
         if path not in cache:
             cache[path] = read_teacher(path)
-    return {role: cache[path] for role, path in spec.teacher_files().items()}
+    files = {role: cache[path] for role, path in spec.teacher_files().items()}
+    for role, tf in files.items():
+        check_role(role, tf)
+    return files
+
+
+def check_role(role: str, tf: TeacherFile) -> None:
+    """A refiner (``prompts: refine``) goes to ``--refiner`` only, and only a refiner goes there.
+
+    Raises:
+        CheckpointError: naming the file and the flag it belongs to.
+    """
+    is_refiner = tf.meta.get("prompts") == "refine"
+    if role == "refiner" and not is_refiner:
+        raise CheckpointError(f"--refiner {tf.path} is a teacher for prompts {tf.meta.get('prompts')!r}, not a "
+                              "refiner; train one with `omnilabel finetune-teacher --prompts refine`")
+    if role != "refiner" and is_refiner:
+        raise CheckpointError(f"--{role.replace('_', '-')} {tf.path} is a refiner (it refines SAM's masks and "
+                              "scores their uncertainty); pass it as --refiner")
 
 
 def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
@@ -196,6 +218,7 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         if paths[role] not in read:
             read[paths[role]] = read_teacher(paths[role])
         files[role] = read[paths[role]]
+        check_role(role, files[role])
     encoder_file = _encoder_file(files)
     ids: dict[str, str] = {}
     if encoder_file is not None:
@@ -230,7 +253,8 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
                                 config=GDinoConfig(box_threshold=spec.box_threshold, nms_iou=spec.nms_iou))
         ids["detector"] = model_id(spec.detector)
     return Teachers(sam=sam, detector=detector, box_sam=roles.get("teacher_box"),
-                    point_sam=roles.get("teacher_point"), refine_sam=roles.get("teacher_refine"), model_ids=ids)
+                    point_sam=roles.get("teacher_point"), refine_sam=roles.get("teacher_refine"),
+                    refiner=roles.get("refiner"), model_ids=ids)
 
 
 def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_name: str, clip: object,

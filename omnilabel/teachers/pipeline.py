@@ -35,7 +35,8 @@ Choices where the paper is silent:
   box is B_sam). A crowd tag only says that its class is present: its detections are ordinary instances.
 - Masks with fewer than ``min_mask_area_px`` pixels are dropped from the output and counted.
 - Each pseudomask records the prompts that made its final mask in ``omnilabel.prompt``, as given to SAM (in
-  pixels, a box as ``[x0, y0, x1 - x0, y1 - y0]``): ``{"bbox": [...]}`` for boxes and detections,
+  pixels at full precision, so that ``omnilabel uncertainty`` decodes the same mask again; a box as
+  ``[x0, y0, x1 - x0, y1 - y0]``): ``{"bbox": [...]}`` for boxes and detections,
   ``{"point": [x, y], "bbox": [...]}`` for points (the click and the merged box of stage 2; the click alone
   without refinement), so ``omnilabel visualize`` can draw them.
 """
@@ -58,6 +59,7 @@ from omnilabel.instances import NO_WEAK_ID, Instances
 from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import covered_by_same_class, masks_to_rle, segmentation_to_rle
 from omnilabel.ops.refine import refine_prompts
+from omnilabel.teachers.uncertainty import UncertaintyScorer, prompt_points
 
 if TYPE_CHECKING:
     from omnilabel.teachers.gdino import GDinoTeacher
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
 
 #: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
 SCORE_DECIMALS = 6
-#: Prompt coordinates (``omnilabel.prompt``) are written in pixels with 2 decimals.
-PROMPT_DECIMALS = 2
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ class Teachers:
         box_sam: decoder of box prompts and detections (box-SAM).
         point_sam: stage-1 decoder of the points setting (P-SAM).
         refine_sam: stage-2 decoder of the points setting (BP-SAM).
+        refiner: SUM's refinement module; when given, every pseudomask gets an uncertainty map.
         model_ids: names recorded in each pseudomask's ``omnilabel.teacher``.
     """
 
@@ -123,6 +124,7 @@ class Teachers:
     box_sam: SamTeacher | None = None
     point_sam: SamTeacher | None = None
     refine_sam: SamTeacher | None = None
+    refiner: SamTeacher | None = None
     model_ids: dict[str, str] = field(default_factory=dict)
 
 
@@ -134,21 +136,32 @@ class ImageResult:
         annotations: output COCO annotations without ``id`` (assigned at merge), in a fixed order.
         counts: pseudomasks written per weak type, plus ``"gt"`` passed through, ``"empty"`` masks and
             ``"duplicate"`` detections dropped.
-        seconds: wall time per stage (encode, detect, decode, refine, encode_rle).
+        seconds: wall time per stage (encode, detect, decode, refine, encode_rle, uncertainty).
+        maps: with a refiner, the uncertainty map ``u`` ((H, W) float32 in [0, 1]) of each pseudomask, keyed by
+            its position in ``annotations`` (its ``omnilabel.uncertainty_mean`` is already set; the caller
+            writes the map and sets ``omnilabel.uncertainty``).
     """
 
     annotations: list[dict[str, Any]]
     counts: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
+    maps: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
 class _Part:
-    """Pseudomasks of one kind, before filtering: instances and one metadata dict each."""
+    """Pseudomasks of one kind, before filtering: instances and one metadata dict each, and for the refiner
+    the low-res logits that made each mask and its prompt point (``teachers.uncertainty.prompt_points``)."""
 
     inst: Instances
     extras: list[dict[str, Any]]
     crowd: np.ndarray
+    logits: np.ndarray
+    points: np.ndarray
+
+    def __getitem__(self, keep: np.ndarray) -> _Part:
+        return _Part(self.inst[keep], [e for e, k in zip(self.extras, keep, strict=True) if k], self.crowd[keep],
+                     self.logits[keep], self.points[keep])
 
 
 def _crowd(anns: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -384,22 +397,29 @@ class PseudomaskPipeline:
         if len(prep.tag_dets) and len(parts) > 0:
             self._drop_duplicates(parts, by_kind[WeakType.FULL], result)
 
-        t0 = time.perf_counter()
         for part in parts:
-            inst = part.inst
-            areas = inst.masks_bool().sum(axis=(1, 2))
+            areas = part.inst.masks_bool().sum(axis=(1, 2))
             keep = areas >= cfg.min_mask_area_px
             result.counts["empty"] += int((~keep).sum())
-            kept = inst[keep]
+            kept = part[keep]
+            scores: list[tuple[np.ndarray, float]] = []
+            if self.teachers.refiner is not None and len(kept.inst):
+                t0 = time.perf_counter()
+                scores = UncertaintyScorer(self.teachers.refiner).score(emb, kept.logits, kept.points)
+                result.seconds["uncertainty"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
             more = [{"omnilabel": self._meta(e, int(wid))} | ({"iscrowd": 1} if crowd else {})
-                    for e, wid, crowd, k in zip(part.extras, inst.weak_ids, part.crowd, keep, strict=True) if k]
-            for ann in kept.to_coco(image_id=0, extra=more):
+                    for e, wid, crowd in zip(kept.extras, kept.inst.weak_ids, kept.crowd, strict=True)]
+            for k, ann in enumerate(kept.inst.to_coco(image_id=0, extra=more)):
                 ann.pop("id")
                 ann.pop("image_id")
                 ann["score"] = round(ann["score"], SCORE_DECIMALS)
+                if scores:
+                    result.maps[len(result.annotations)] = scores[k][0]
+                    ann["omnilabel"]["uncertainty_mean"] = round(scores[k][1], SCORE_DECIMALS)
                 result.annotations.append(ann)
                 result.counts[ann["omnilabel"]["weak"]] += 1
-        result.seconds["encode_rle"] += time.perf_counter() - t0
+            result.seconds["encode_rle"] += time.perf_counter() - t0
         return result
 
     def _boxes(self, emb: ImageEmbedding, prompts: Instances, n_box: int, box_crowd: np.ndarray, plan: ImagePlan,
@@ -418,12 +438,10 @@ class PseudomaskPipeline:
                   for i, b in enumerate(prompts.boxes_xyxy)]
         for i in range(n_box, len(prompts)):
             extras[i]["detector_score"] = round(float(prompts.scores[i]), SCORE_DECIMALS)
-        parts = []
-        if n_box:
-            parts.append(_Part(inst[:n_box], extras[:n_box], box_crowd))
-        if len(prompts) > n_box:
-            parts.append(_Part(inst[n_box:], extras[n_box:], np.zeros(len(prompts) - n_box, dtype=bool)))
-        return parts
+        part = _Part(inst, extras, np.concatenate([box_crowd, np.zeros(len(prompts) - n_box, dtype=bool)]),
+                     out.low_res_logits, prompt_points(np.full((len(prompts), 2), np.nan), prompts.boxes_xyxy))
+        first = np.arange(len(prompts)) < n_box
+        return [part[m] for m in (first, ~first) if m.any()]
 
     def _drop_duplicates(self, parts: list[_Part], gt_anns: Sequence[Mapping[str, Any]], result: ImageResult) -> None:
         """One object, one annotation: drop the detections (the last part) that repeat an annotated object."""
@@ -443,8 +461,7 @@ class PseudomaskPipeline:
         if dup.any():
             result.counts["duplicate"] += int(dup.sum())
             keep = ~dup
-            parts[-1] = _Part(dets.inst[keep], [e for e, k in zip(dets.extras, keep, strict=True) if k],
-                              dets.crowd[keep])
+            parts[-1] = dets[keep]
 
     def _points(self, emb: ImageEmbedding, points: Instances, crowd: np.ndarray, detections: Instances,
                 result: ImageResult) -> _Part:
@@ -462,8 +479,8 @@ class PseudomaskPipeline:
             inst = Instances(points.image_size, masks=stage1.masks,
                              scores=np.clip(stage1.iou_scores.astype(np.float64), 0, 1),
                              category_ids=points.category_ids, weak_ids=points.weak_ids)
-            extras = [{"weak": WeakType.POINT.value, "prompt": {"point": _rounded(p)}} for p in px]
-            return _Part(inst, extras, crowd)
+            extras = [{"weak": WeakType.POINT.value, "prompt": {"point": _listed(p)}} for p in px]
+            return _Part(inst, extras, crowd, stage1.low_res_logits, px)
 
         t0 = time.perf_counter()
         boxes_sam = masks_to_prompt_boxes_xyxy(stage1.masks)
@@ -486,9 +503,9 @@ class PseudomaskPipeline:
                          scores=np.clip(stage2.iou_scores.astype(np.float64), 0, 1),
                          category_ids=points.category_ids, weak_ids=points.weak_ids)
         extras = [{"weak": WeakType.POINT.value, "prompt_box": "gdino" if d else "sam",
-                   "prompt": {"point": _rounded(p), "bbox": _xywh(b)}}
+                   "prompt": {"point": _listed(p), "bbox": _xywh(b)}}
                   for d, p, b in zip(from_dino, px, merged, strict=True)]
-        return _Part(inst, extras, crowd)
+        return _Part(inst, extras, crowd, stage2.low_res_logits, px)
 
     def _meta(self, extra: dict[str, Any], weak_id: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"source": "pseudo", "weak": extra["weak"],
@@ -498,14 +515,15 @@ class PseudomaskPipeline:
         return meta
 
 
-def _rounded(point_xy: np.ndarray) -> list[float]:
-    return [round(float(v), PROMPT_DECIMALS) for v in point_xy]
+def _listed(point_xy: np.ndarray) -> list[float]:
+    return [float(v) for v in point_xy]
 
 
 def _xywh(box_xyxy: np.ndarray) -> list[float]:
-    """A prompt box as COCO ``[x, y, w, h]``, rounded for the output file."""
+    """A prompt box as COCO ``[x, y, w, h]``, at full precision (``x0 + w`` gives back ``x1`` to the last
+    bit of float64, far below the float32 SAM reads prompts in)."""
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    return [round(v, PROMPT_DECIMALS) for v in (x0, y0, x1 - x0, y1 - y0)]
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def _passthrough(ann: Mapping[str, Any]) -> dict[str, Any]:
