@@ -120,6 +120,10 @@ def finetune_teacher(
     teacher: Annotated[Path | None, typer.Option(
         help="Start from this fine-tuned teacher instead of the base SAM's decoder. With --prompts refine: the "
              "teacher whose pseudomasks the refiner will score.")] = None,
+    unlabeled: Annotated[Path | None, typer.Option(
+        help="SUM training: also train on the pseudomasks of this file, which must have uncertainty maps "
+             "(`omnilabel uncertainty`); half of each batch, uncertainty-aware losses, points drawn where the "
+             "pseudomask is certain, and a task prompt that tells GT from pseudomasks.")] = None,
     min_iou: Annotated[float, typer.Option(
         help="--prompts refine: drop training pairs whose SAM mask has IoU with the GT below this (SUM: "
              "0.7).")] = 0.7,
@@ -172,9 +176,11 @@ def finetune_teacher(
     with events("finetune-teacher") as on_event:
         summary = run_finetune_teacher(Dataset(coco, images, allow_outside_images), target, job,
                                        TeacherRecipe(recipe, sam=sam, clip=clip, clip_arch=clip_arch,
-                                                     teacher=None if teacher is None else str(teacher)),
+                                                     teacher=None if teacher is None else str(teacher),
+                                                     unlabeled=None if unlabeled is None else str(unlabeled)),
                                        on_event=on_event)
     rows = [("images / instances trained on", f"{summary['images']} / {summary['instances']}"),
+            *([("pseudomasks (unlabelled, SUM)", str(summary["unlabeled"]))] if summary.get("unlabeled") else []),
             *([("refiner pairs kept / dropped (IoU < --min-iou)",
                 f"{summary['pairs']['kept']} / {summary['pairs']['dropped']}")] if summary.get("pairs") else []),
             ("steps (resumed from)", f"{summary['steps']} ({summary['start_step']})")]

@@ -28,7 +28,7 @@ from omnilabel.events import OnEvent
 from omnilabel.io import atomic_path, file_sha256, write_json_atomic
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.teachers.finetune import FinetuneConfig
-from omnilabel.teachers.finetune_data import collect_training_set
+from omnilabel.teachers.finetune_data import collect_training_set, collect_unlabeled
 from omnilabel.teachers.finetune_run import FinetuneSetup, RunPaths, train_worker
 
 
@@ -44,6 +44,8 @@ class TeacherRecipe:
         clip_arch: its ``open_clip`` architecture (default: the registry's, else ``ViT-B-32``).
         teacher: a fine-tuned teacher file to start from (its prompt encoder and decoder, on its encoder);
             for ``prompts refine``, the teacher whose pseudomasks the refiner will refine.
+        unlabeled: SUM training: a pseudomask file with uncertainty maps (``omnilabel uncertainty``), its
+            images under the same ``--images``; its pseudomasks are the unlabelled half of every batch.
     """
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -51,6 +53,7 @@ class TeacherRecipe:
     clip: str = "clip-vit-b-32"
     clip_arch: str | None = None
     teacher: str | None = None
+    unlabeled: str | None = None
 
 
 def _source(name_or_path: str) -> str:
@@ -128,11 +131,18 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
     recipe = config.finetune
     if job.batch_size is not None:
         recipe = dataclasses.replace(recipe, batch_size=job.batch_size)
+    if config.unlabeled is not None:
+        recipe = dataclasses.replace(recipe, unlabeled=True)
     job.check_global_batch(recipe.batch_size)
     output, images_dir = Path(output), inputs.images_dir
     data = load_coco(inputs.coco, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
     images, instances = collect_training_set(data, images_dir, allow_outside_images=inputs.allow_outside_images,
-                                             source=str(inputs.coco))
+                                             source=str(inputs.coco), pseudo=not recipe.unlabeled)
+    unlabeled: list = []
+    if config.unlabeled is not None:
+        pseudo = load_coco(config.unlabeled, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
+        unlabeled = collect_unlabeled(pseudo, images_dir, images, map_dir=Path(config.unlabeled).parent,
+                                      allow_outside_images=inputs.allow_outside_images, source=str(config.unlabeled))
 
     from omnilabel.models.registry import resolve
     from omnilabel.models.sam_loader import load_sam
@@ -160,6 +170,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
     paths = RunPaths(job.job_dir_for(output, ".run"))
     manifest = {"omnilabel": __version__, "command": "finetune-teacher", "input_sha256": file_sha256(inputs.coco),
                 "images_dir": str(images_dir), "base_encoder_sha256": encoder_sha, "start_teacher_sha256": start_sha,
+                "unlabeled_sha256": None if config.unlabeled is None else file_sha256(config.unlabeled),
                 "clip_sha256": clip_rec["sha256"] if clip_rec else None, "config": recipe.to_dict()}
     _open_run(paths, manifest, resume=job.resume, overwrite=job.overwrite)
     base_id, base_source = model_id(sam_name), _source(sam_name)
@@ -171,7 +182,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                           class_text=class_text, clip=clip_rec,
                           threads=0 if job.in_process or job.gpu else job.threads_per_worker(),
                           start_teacher=None if start is None else str(start.path.resolve()),
-                          start_teacher_sha256=start_sha)
+                          start_teacher_sha256=start_sha, unlabeled=tuple(unlabeled))
     if job.in_process:
         result = train_worker(setup, device=job.device, on_event=on_event)
     else:
@@ -186,7 +197,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                   "pairs": {"kept": pairs[-1]["kept"], "dropped": pairs[-1]["dropped"]} if pairs else None}
     _copy_atomic(paths.teacher, output)
     return {"output": str(output), "run_dir": str(paths.root), "size_mb": file_size_mb(output), "images": len(images),
-            "instances": len(instances), "wall_s": time.perf_counter() - t0, **result}
+            "instances": len(instances), "unlabeled": len(unlabeled), "wall_s": time.perf_counter() - t0, **result}
 
 
 def _start_teacher(path: str | None) -> tuple[Any, str | None]:

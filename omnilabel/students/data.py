@@ -249,16 +249,19 @@ def lsj_with_certainty(image: torch.Tensor, masks: torch.Tensor, certainty: torc
     out_hw = (max(round((sy1 - sy0) * factor), 1), max(round((sx1 - sx0) * factor), 1))
     oy, ox = y0 - round(sy0 * factor), x0 - round(sx0 * factor)
 
-    def place(t: torch.Tensor, *, masks: bool, fill: float) -> torch.Tensor:
-        """Crop, resize, paste top-left into an S x S canvas of ``fill``, flip."""
-        region = _resize(t[:, sy0:sy1, sx0:sx1], out_hw, masks=masks)[:, oy:oy + crop_h, ox:ox + crop_w]
+    def place(t: torch.Tensor, *, masks: bool, fill: float, complement: bool = False) -> torch.Tensor:
+        """Crop (then take ``1 - t`` if ``complement``), resize, paste top-left into an S x S canvas of ``fill``,
+        flip."""
+        region = t[:, sy0:sy1, sx0:sx1]
+        region = _resize(1.0 - region if complement else region, out_hw, masks=masks)[:, oy:oy + crop_h,
+                                                                                       ox:ox + crop_w]
         out = torch.full((t.shape[0], image_size, image_size), fill, dtype=region.dtype)
         out[:, :region.shape[1], :region.shape[2]] = region
         return out.flip(-1) if flip else out
 
     out_certainty = None
     if certainty is not None:
-        uncertainty = place(1.0 - certainty.float(), masks=False, fill=1.0 - CERTAINTY_PAD)
+        uncertainty = place(certainty.float(), masks=False, fill=1.0 - CERTAINTY_PAD, complement=True)
         out_certainty = (1.0 - uncertainty).clamp_(0.0, 1.0)
     return place(image, masks=False, fill=0.0), place(masks, masks=True, fill=False), out_certainty
 

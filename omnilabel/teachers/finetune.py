@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from omnilabel.teachers.class_aware import ClassAwarePrompt
 
-__all__ = ["FinetuneConfig", "SamTrainable", "decode_per_instance", "mask_losses"]
+__all__ = ["FinetuneConfig", "SamTrainable", "TaskPrompt", "decode_per_instance", "mask_losses", "ua_mask_losses"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class FinetuneConfig:
             (its logits) + that mask's box + the click that made it, trained to give the GT mask.
         min_iou: ``refine`` only: training pairs whose SAM mask has IoU with the GT below this are dropped
             (SUM: 0.7).
+        unlabeled: SUM training (``--unlabeled``): half of each batch are pseudomasks with uncertainty maps,
+            trained with ``ua_focal_weight``·UA-focal + ``ua_dice_weight``·UA-Dice (c > ``ua_theta``), their
+            point prompts drawn ∝ c, and a task prompt tells GT (task 1) from pseudomasks (task 0).
+        ua_theta: SUM's θ of the UA Dice (0.6). ua_focal_weight, ua_dice_weight: SUM's (SAM's) 20 : 1.
         class_aware: train the class prompt of Eq. (1)–(2) (paper: every setting but box + class).
         steps: optimizer steps (paper: 36,874 = 10 epochs of 10 % of COCO).
         lr_drop_step: step from which the lr is ``lr * lr_drop_factor`` (paper: 27,655); None = 75 % of
@@ -91,6 +95,10 @@ class FinetuneConfig:
 
     prompts: PromptMode = "points+boxes"
     min_iou: float = 0.7
+    unlabeled: bool = False
+    ua_theta: float = 0.6
+    ua_focal_weight: float = 20.0
+    ua_dice_weight: float = 1.0
     class_aware: bool = False
     steps: int = 36_874
     lr_drop_step: int | None = None
@@ -118,6 +126,12 @@ class FinetuneConfig:
             problems.append(f"prompts must be one of {', '.join(PROMPT_MODES)}, got {self.prompts!r}")
         if not 0.0 <= self.min_iou <= 1.0:
             problems.append(f"min_iou must be in [0, 1], got {self.min_iou}")
+        if self.unlabeled and (self.prompts == "refine" or self.class_aware):
+            problems.append("SUM training (--unlabeled) trains a teacher for points and/or boxes without a class "
+                            "module: not with --prompts refine or --class-aware")
+        if not 0.0 <= self.ua_theta < 1.0 or min(self.ua_focal_weight, self.ua_dice_weight) < 0:
+            problems.append(f"need 0 <= ua_theta < 1 and UA loss weights >= 0, got {self.ua_theta}, "
+                            f"{self.ua_focal_weight}, {self.ua_dice_weight}")
         if self.prompts == "refine" and (self.class_aware or self.train_encoder):
             problems.append("a refiner (prompts refine) decodes from the teacher's frozen encoder and takes no "
                             "class: it cannot be trained with --class-aware or --train-encoder")
@@ -198,6 +212,29 @@ def decode_per_instance(
     return masks[:, keep], iou[:, keep]
 
 
+class TaskPrompt(nn.Module):
+    """SUM's task prompt (§3.2.4): a learned vector added to the dense prompt embedding (which the decoder adds
+    to the image embedding), per prompt.
+
+    Task 0 is SAM's own (pseudomasks) and stays exactly zero, so task 0 is the unchanged SAM; task 1 is this
+    dataset's GT, whose conventions (what counts as one object, where its boundary lies) the teacher learns
+    apart from SAM's. ``pseudomask`` decodes with task 1: pseudomasks should look like this dataset's labels.
+    The teacher file holds ``task_prompt.gt`` (C,), zero-initialised.
+
+    Args:
+        dim: C, the prompt embedding width.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gt = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, dense: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """``dense`` (b, C, g, g) plus the vector of each prompt's task (b,) int64 (0 or 1)."""
+        offset = task.to(dense.dtype)[:, None] * self.gt[None]
+        return dense + offset[:, :, None, None]
+
+
 class SamTrainable(nn.Module):
     """What fine-tuning runs: SAM's prompt encoder and decoder (+ class module, + encoder) on a batch of prompts.
 
@@ -210,11 +247,13 @@ class SamTrainable(nn.Module):
         train_encoder: hold (and run) the image encoder; else ``forward`` takes cached features.
     """
 
-    def __init__(self, sam: Sam, *, class_prompt: ClassAwarePrompt | None = None, train_encoder: bool = False) -> None:
+    def __init__(self, sam: Sam, *, class_prompt: ClassAwarePrompt | None = None, train_encoder: bool = False,
+                 task_prompt: TaskPrompt | None = None) -> None:
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.class_prompt = class_prompt
+        self.task_prompt = task_prompt
         self.image_encoder = sam.image_encoder if train_encoder else None
         #: Autocast dtype of the image encoder and mask decoder on CUDA (None: float32). The prompt encoder
         #: always runs in float32, as at inference: positional encodings of coordinates lose pixels in bf16.
@@ -253,6 +292,8 @@ class SamTrainable(nn.Module):
                                                   text_embeddings=g["text"])
             else:
                 sparse, dense = self.prompt_encoder(points=points, boxes=g["boxes"], masks=g.get("masks"))
+            if self.task_prompt is not None and g.get("task") is not None:
+                dense = self.task_prompt(dense, g["task"])
             with self._autocast(features.device):
                 logits, iou = decode_per_instance(self.mask_decoder, features[g["index"]], image_pe, sparse, dense,
                                                   multimask=bool(g["multimask"]))
@@ -310,6 +351,46 @@ def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, gt_frame: torch.Te
                   + config.dice_weight * dice_loss_at_points(pred, target)).reshape(b, k)
     with torch.no_grad():
         gt_low = torch.nn.functional.adaptive_avg_pool2d(gt_frame, (h, w)) > 0.5
+        pred_low = logits.detach() > 0
+        inter = (pred_low & gt_low).flatten(2).sum(-1).float()
+        union = (pred_low | gt_low).flatten(2).sum(-1).float()
+        iou_true = inter / union.clamp(min=1.0)
+    iou_loss = ((iou_pred.float() - iou_true) ** 2).mean(dim=1)
+    return per_output.min(dim=1).values, iou_loss
+
+
+def ua_mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, target_frame: torch.Tensor,
+                   certainty_frame: torch.Tensor, *, config: FinetuneConfig,
+                   generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask_losses`` for pseudomasks (SUM Eq. 1–2, point-sampled like the labelled loss).
+
+    At the points ``mask_losses`` would sample, per output ``ua_focal_weight · (1/P) Σ c_i focal_i +
+    ua_dice_weight · UA-Dice`` with the Dice over points with ``c > ua_theta`` only
+    (``omnilabel.ops.uncertainty``); the minimum over the K outputs; the IoU head's target is the IoU with the
+    pseudomask (not masked by c; the paper is silent).
+
+    Args:
+        target_frame: (b, 1, S, S) pseudomasks in the padded input frame.
+        certainty_frame: (b, 1, S, S) their certainty ``c = 1 − u`` in the same frame (1 in the padding).
+    """
+    from omnilabel.ops.uncertainty import ua_dice_loss_at_points, ua_focal_loss_at_points
+
+    b, k, h, w = logits.shape
+    flat = logits.reshape(b * k, 1, h, w).float()
+    coords = torch.cat([
+        uncertain_point_coords(flat[i * k:(i + 1) * k], num_points=config.num_points,
+                               oversample_ratio=config.oversample_ratio, importance_ratio=config.importance_ratio,
+                               generator=None if generators is None else generators[i])
+        for i in range(b)])
+    pred = point_sample(flat, coords)[:, 0]
+    with torch.no_grad():
+        target = point_sample(target_frame, coords.reshape(b, -1, 2)).reshape(b * k, -1)
+        certainty = point_sample(certainty_frame, coords.reshape(b, -1, 2)).reshape(b * k, -1)
+    per_output = (config.ua_focal_weight * ua_focal_loss_at_points(pred, target, certainty)
+                  + config.ua_dice_weight * ua_dice_loss_at_points(pred, target, certainty, theta=config.ua_theta)
+                  ).reshape(b, k)
+    with torch.no_grad():
+        gt_low = torch.nn.functional.adaptive_avg_pool2d(target_frame, (h, w)) > 0.5
         pred_low = logits.detach() > 0
         inter = (pred_low & gt_low).flatten(2).sum(-1).float()
         union = (pred_low | gt_low).flatten(2).sum(-1).float()

@@ -84,16 +84,18 @@ class TrainInstance:
         annotation_id: its COCO annotation id.
         category_id: its COCO category id.
         rle: compressed COCO RLE, ``counts`` as str.
+        uncertainty: for a pseudomask of SUM training (``--unlabeled``), its uncertainty map file; None for GT.
     """
 
     image_index: int
     annotation_id: int
     category_id: int
     rle: dict[str, Any]
+    uncertainty: str | None = None
 
 
 def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_outside_images: bool = False,
-                         source: str = "<coco>") -> tuple[list[TrainImage], list[TrainInstance]]:
+                         source: str = "<coco>", pseudo: bool = True) -> tuple[list[TrainImage], list[TrainInstance]]:
     """The images with masks and their non-crowd, non-empty masks, in file order.
 
     Args:
@@ -101,6 +103,8 @@ def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_
         images_dir: folder the ``file_name``s are relative to.
         allow_outside_images: accept ``file_name``s outside ``images_dir``.
         source: the file's name, for errors.
+        pseudo: also take pseudomasks (``omnilabel.source`` = ``pseudo``) as masks; False takes GT only (SUM
+            training, where pseudomasks are the unlabelled data and never count as labels).
 
     Returns:
         ``(images, instances)``; every image has at least one instance.
@@ -112,6 +116,8 @@ def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_
     per_image: dict[int, list[TrainInstance]] = {}
     for ann in data["annotations"]:
         if ann.get("segmentation") is None or int(ann.get("iscrowd", 0)) == 1:
+            continue
+        if not pseudo and (ann.get("omnilabel") or {}).get("source") == "pseudo":
             continue
         im = images_by_id[int(ann["image_id"])]
         rle = segmentation_to_rle(ann["segmentation"], int(im["height"]), int(im["width"]))
@@ -144,9 +150,96 @@ def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_
     return images, instances
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def collect_unlabeled(data: dict[str, Any], images_dir: str | Path, images: list[TrainImage], *, map_dir: str | Path,
+                      allow_outside_images: bool = False, source: str = "<coco>") -> list[TrainInstance]:
+    """SUM's unlabelled data: the pseudomasks of a file with uncertainty maps (``omnilabel uncertainty``).
+
+    Only annotations with ``omnilabel.source`` = ``pseudo`` are taken (non-crowd, non-empty); GT annotations of
+    the file are not (they are labels, given as the labelled file). Their images are added to ``images`` (an
+    image already there, by id, must be the same file).
+
+    Args:
+        data: the validated pseudomask COCO dict.
+        images_dir: folder its ``file_name``s are relative to.
+        images: the run's images so far (the labelled ones); extended in place.
+        map_dir: the folder relative map paths start from (the pseudomask file's folder).
+
+    Returns:
+        One ``TrainInstance`` per pseudomask, ``uncertainty`` its map file.
+
+    Raises:
+        InputError: no pseudomask; a pseudomask without a map (naming the annotation and field); a missing map
+            or image; an image id that names another file in the labelled set.
+    """
+    from omnilabel.data.maps import uncertainty_map_paths
+
+    pseudo = [a for a in data["annotations"] if (a.get("omnilabel") or {}).get("source") == "pseudo"
+              and a.get("segmentation") is not None and int(a.get("iscrowd", 0)) != 1]
+    if not pseudo:
+        raise InputError(f"{source}: --unlabeled needs pseudomasks (omnilabel.source 'pseudo'); it has none")
+    unscored = [a["id"] for a in pseudo if not (a.get("omnilabel") or {}).get("uncertainty")]
+    if unscored:
+        raise InputError(f"{source}: {len(unscored)} pseudomask(s) without an uncertainty map (omnilabel.uncertainty), "
+                         f"e.g. annotation id={unscored[0]}; run `omnilabel uncertainty {Path(source).name} "
+                         "--refiner R.pt` first")
+    maps = uncertainty_map_paths(pseudo, base_dir=map_dir)
+    index = {im.image_id: i for i, im in enumerate(images)}
+    records = {int(im["id"]): im for im in data["images"]}
+    out: list[TrainInstance] = []
+    missing = []
+    for ann in pseudo:
+        im = records[int(ann["image_id"])]
+        path = resolve_image_path(Path(images_dir), im["file_name"], allow_outside_images=allow_outside_images)
+        i = index.get(int(im["id"]))
+        if i is None:
+            if not path.is_file():
+                missing.append(f"{source}: image id={im['id']}: file_name: {path} not found")
+            i = index[int(im["id"])] = len(images)
+            images.append(TrainImage(int(im["id"]), str(path), int(im["height"]), int(im["width"])))
+        elif Path(images[i].path) != path:
+            raise InputError(f"{source}: image id={im['id']} is {path}, but the labelled file's image id={im['id']} "
+                             f"is {images[i].path}; the two files must share one image id space")
+        rle = segmentation_to_rle(ann["segmentation"], int(im["height"]), int(im["width"]))
+        if int(mask_utils.area(rle)) == 0:
+            continue
+        counts = rle["counts"]
+        rle = {"size": [int(rle["size"][0]), int(rle["size"][1])],
+               "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        out.append(TrainInstance(i, int(ann["id"]), int(ann["category_id"]), rle, str(maps[int(ann["id"])])))
+    if missing:
+        raise InputError(f"{len(missing)} image(s) of the unlabelled file are missing (is --images right?)",
+                         missing[:20] + ([f"... and {len(missing) - 20} more"] if len(missing) > 20 else []))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, epoch] + ([stream] if stream else [])).permutation(n)
+
+
+def mixed_batch_instances(step: int, *, batch_size: int, n_labeled: int, n_unlabeled: int, seed: int, rank: int = 0,
+                          world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This worker's share of step ``step``'s global batch of SUM training: labelled and unlabelled 1:1.
+
+    Odd global positions are unlabelled, even ones labelled (SUM's FT-Small/Medium mix is one labelled per
+    unlabelled image; here per instance, so every worker gets both kinds). Each kind is drawn from its own
+    seeded epochs, as ``batch_instances`` draws one.
+
+    Returns:
+        ``(positions, unlabeled (bool), indices)``: global positions, whether each is unlabelled, and its index
+        into the labelled or the unlabelled instances.
+    """
+    local = batch_size // world_size
+    positions = np.arange(rank * local, (rank + 1) * local, dtype=np.int64)
+    unlabeled = positions % 2 == 1
+    per_step = {False: (batch_size + 1) // 2, True: batch_size // 2}
+    n = {False: n_labeled, True: n_unlabeled}
+    indices = np.empty(len(positions), dtype=np.int64)
+    for j, (pos, unl) in enumerate(zip(positions, unlabeled, strict=True)):
+        s = step * per_step[bool(unl)] + int(pos) // 2
+        size = n[bool(unl)]
+        indices[j] = _epoch_permutation(seed, s // size, size, 1 if unl else 0)[s % size]
+    return positions, unlabeled, indices
 
 
 def batch_instances(step: int, *, batch_size: int, n_instances: int, seed: int, rank: int = 0,
@@ -194,6 +287,24 @@ def sample_prompt(mask: np.ndarray, mode: PromptMode, rng: np.random.Generator) 
         ys, xs = np.nonzero(mask)
         k = int(rng.integers(len(ys)))
         point = np.array([xs[k] + 0.5, ys[k] + 0.5])
+    if kind in (1, 2):
+        box = masks_to_prompt_boxes_xyxy(mask[None])[0]
+    return point, box
+
+
+def sample_unlabeled_prompt(mask: np.ndarray, certainty: np.ndarray, mode: PromptMode,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``sample_prompt`` for a pseudomask: its point drawn with probability ∝ certainty ``c = 1 − u`` among the
+    mask's pixels (SUM §3.2.2, ``omnilabel.ops.uncertainty.certainty_weighted_point``); the box as for GT."""
+    from omnilabel.ops.uncertainty import certainty_weighted_point
+
+    kind = {"points": 0, "boxes": 1}.get(mode)
+    if kind is None:
+        kind = int(rng.integers(3))
+    point = np.full(2, np.nan)
+    box = np.full(4, np.nan)
+    if kind in (0, 2):
+        point = certainty_weighted_point(mask, certainty, rng)
     if kind in (1, 2):
         box = masks_to_prompt_boxes_xyxy(mask[None])[0]
     return point, box

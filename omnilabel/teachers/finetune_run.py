@@ -29,7 +29,15 @@ from omnilabel.events import OnEvent
 from omnilabel.io import append_jsonl, save_torch_atomic
 from omnilabel.models.precision import autocast_dtype
 from omnilabel.ops.boxes import jitter_boxes_xyxy
-from omnilabel.teachers.finetune import FinetuneConfig, LossMeter, SamTrainable, mask_losses, point_generator
+from omnilabel.teachers.finetune import (
+    FinetuneConfig,
+    LossMeter,
+    SamTrainable,
+    TaskPrompt,
+    mask_losses,
+    point_generator,
+    ua_mask_losses,
+)
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
     TrainImage,
@@ -37,7 +45,9 @@ from omnilabel.teachers.finetune_data import (
     batch_instances,
     decode_mask,
     mask_in_input_frame,
+    mixed_batch_instances,
     sample_prompt,
+    sample_unlabeled_prompt,
 )
 from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
 from omnilabel.teachers.uncertainty import PairSet, build_refine_pairs, pair_dir_key
@@ -60,6 +70,7 @@ class FinetuneSetup:
         base_encoder_sha256: ``state_dict_sha256`` of the image encoder the run decodes from.
         start_teacher: a teacher file to start from instead of the base SAM's decoder (``--teacher``), or None.
         start_teacher_sha256: its file's sha256 (each worker checks it reads the same file).
+        unlabeled: SUM training's pseudomasks (``uncertainty`` set), their images among ``images``.
         images: the fully annotated images. instances: their GT masks.
         run_dir: the run directory.
         class_ids: category ids, in the row order of ``class_text``.
@@ -82,6 +93,7 @@ class FinetuneSetup:
     threads: int = 0
     start_teacher: str | None = None
     start_teacher_sha256: str | None = None
+    unlabeled: tuple[TrainInstance, ...] = ()
 
 
 class RunPaths:
@@ -96,6 +108,24 @@ class RunPaths:
 
     def embeddings(self, encoder_sha256: str) -> Path:
         return self.root / "embeddings" / encoder_sha256[:16]
+
+
+def _read_u(inst: TrainInstance, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) float32 uncertainty map of a pseudomask; it must have its mask's size.
+
+    Raises:
+        InputError: unreadable, or another size (naming the annotation).
+    """
+    from omnilabel.data.maps import read_uncertainty_map
+
+    try:
+        u = read_uncertainty_map(str(inst.uncertainty)).values
+    except InputError as e:
+        raise InputError(f"annotation id={inst.annotation_id}: {e}") from None
+    if u.shape != tuple(shape):
+        raise InputError(f"annotation id={inst.annotation_id}: uncertainty map {inst.uncertainty} is "
+                         f"{u.shape[0]}x{u.shape[1]}, its mask {shape[0]}x{shape[1]}")
+    return u
 
 
 def _distributed(world_size: int) -> bool:
@@ -154,8 +184,8 @@ class _Batcher:
             self._images[index] = torch.as_tensor(self.transform.apply_image(rgb)).permute(2, 0, 1).contiguous()
         return self._images[index]
 
-    def _prompt(self, mask: np.ndarray, *, step: int, position: int,
-                original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _prompt(self, mask: np.ndarray, *, step: int, position: int, original_size: tuple[int, int],
+                certainty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The prompt of global batch position ``position`` at step ``step``, in SAM's input frame.
 
         Args:
@@ -167,7 +197,10 @@ class _Batcher:
         """
         cfg = self.setup.config
         rng = np.random.default_rng([cfg.seed, step, position])
-        point, box = sample_prompt(mask, cfg.prompts, rng)
+        if certainty is None:
+            point, box = sample_prompt(mask, cfg.prompts, rng)
+        else:  # a pseudomask: its point drawn ∝ certainty (SUM §3.2.2)
+            point, box = sample_unlabeled_prompt(mask, certainty, cfg.prompts, rng)
         if np.isfinite(point).all():
             point = self.transform.apply_coords(point[None], original_size)[0]
         if np.isfinite(box).all():
@@ -213,15 +246,23 @@ class _Batcher:
         if self.pairs is not None:
             return self._refine_step(step)
         cfg, dev = self.setup.config, self.device
-        positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(self.setup.instances),
-                                             seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        if cfg.unlabeled:
+            positions, unlabeled, indices = mixed_batch_instances(
+                step, batch_size=cfg.batch_size, n_labeled=len(self.setup.instances),
+                n_unlabeled=len(self.setup.unlabeled), seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        else:
+            positions, indices = batch_instances(step, batch_size=cfg.batch_size,
+                                                 n_instances=len(self.setup.instances), seed=cfg.seed, rank=self.rank,
+                                                 world_size=self.world_size)
+            unlabeled = np.zeros(len(positions), dtype=bool)
         b = len(positions)
         pts, bxs = np.full((b, 2), np.nan), np.full((b, 4), np.nan)
-        gts, feats, image_of = [], [], []
+        gts, feats, image_of, certainty = [], [], [], []
         for j, (pos, idx) in enumerate(zip(positions, indices, strict=True)):
-            inst = self.setup.instances[int(idx)]
+            inst = (self.setup.unlabeled if unlabeled[j] else self.setup.instances)[int(idx)]
             im = self.setup.images[inst.image_index]
             mask = decode_mask(inst)
+            c = None if inst.uncertainty is None else 1.0 - _read_u(inst, mask.shape)
             if self.cache is not None:
                 f, input_size, original = self.cache.load(im.image_id)
                 feats.append(f)
@@ -229,8 +270,13 @@ class _Batcher:
                 original = (im.height, im.width)
                 input_size = self.transform.get_preprocess_shape(im.height, im.width, self.image_size)
                 image_of.append(inst.image_index)
-            pts[j], bxs[j] = self._prompt(mask, step=step, position=int(pos), original_size=tuple(original))
+            pts[j], bxs[j] = self._prompt(mask, step=step, position=int(pos), original_size=tuple(original),
+                                          certainty=c)
             gts.append(mask_in_input_frame(mask, input_size=tuple(input_size), image_size=self.image_size, device=dev))
+            if cfg.unlabeled:  # c in the input frame: u resized like the mask, padding u = 0 (c = 1)
+                u = np.zeros(mask.shape, np.float32) if c is None else 1.0 - c
+                certainty.append(1.0 - mask_in_input_frame(u, input_size=tuple(input_size),
+                                                           image_size=self.image_size, device=dev))
         inputs: dict[str, Any] = {"features": None, "images": None, "image_index": None}
         if self.cache is not None:
             inputs["features"] = torch.stack(feats).to(dev, torch.float32)
@@ -254,9 +300,12 @@ class _Batcher:
                 "points": torch.as_tensor(pts[rows], dtype=torch.float32, device=dev)[:, None] if kind_pt else None,
                 "labels": torch.ones((len(rows), 1), dtype=torch.int, device=dev) if kind_pt else None,
                 "boxes": torch.as_tensor(bxs[rows], dtype=torch.float32, device=dev) if kind_box else None,
-                "text": text, "multimask": kind_pt and not kind_box})
+                "text": text, "multimask": kind_pt and not kind_box,
+                "task": torch.as_tensor(~unlabeled[rows], dtype=torch.int64, device=dev) if cfg.unlabeled else None})
         inputs["groups"] = groups
         inputs["positions"] = positions
+        inputs["unlabeled"] = unlabeled
+        inputs["certainty"] = torch.stack(certainty) if cfg.unlabeled else None
         return inputs, torch.stack(gts), b
 
 
@@ -271,7 +320,9 @@ def _build_model(setup: FinetuneSetup, sam: Sam, device: torch.device) -> SamTra
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             class_prompt = ClassAwarePrompt(sam.prompt_encoder, text_dim=int(setup.class_text.shape[1]))
-    return SamTrainable(sam, class_prompt=class_prompt, train_encoder=cfg.train_encoder).to(device)
+    task_prompt = TaskPrompt(int(sam.prompt_encoder.embed_dim)) if cfg.unlabeled else None
+    return SamTrainable(sam, class_prompt=class_prompt, train_encoder=cfg.train_encoder,
+                        task_prompt=task_prompt).to(device)
 
 
 def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any], step: int) -> dict[str, Any]:
@@ -375,12 +426,26 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
             group["lr"] = cfg.lr_at(step)
         inputs, gt, b = batcher(step)
         positions = inputs.pop("positions")
+        unlabeled, certainty = inputs.pop("unlabeled", None), inputs.pop("certainty", None)
         outputs = net(**inputs)
         mask_sum, iou_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
         for g, (logits, iou) in zip(inputs["groups"], outputs, strict=True):
-            gens = [point_generator(cfg.seed, step, int(positions[r]), dev) for r in g["index"].tolist()]
-            m, i = mask_losses(logits, iou, gt[g["index"]], config=cfg, generators=gens)
-            mask_sum, iou_sum = mask_sum + m.sum(), iou_sum + i.sum()
+            rows = g["index"].tolist()
+            gens = [point_generator(cfg.seed, step, int(positions[r]), dev) for r in rows]
+            unl = np.zeros(len(rows), dtype=bool) if unlabeled is None else unlabeled[rows]
+            for kind in (False, True):
+                sel = np.flatnonzero(unl == kind)
+                if not len(sel):
+                    continue
+                at = torch.as_tensor(sel, device=dev)
+                these = g["index"][at]
+                if kind:  # pseudomasks: SUM's uncertainty-aware losses
+                    m, i = ua_mask_losses(logits[at], iou[at], gt[these], certainty[these], config=cfg,
+                                          generators=[gens[k] for k in sel])
+                else:
+                    m, i = mask_losses(logits[at], iou[at], gt[these], config=cfg,
+                                       generators=[gens[k] for k in sel])
+                mask_sum, iou_sum = mask_sum + m.sum(), iou_sum + i.sum()
         loss = (mask_sum + cfg.iou_weight * iou_sum) / b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

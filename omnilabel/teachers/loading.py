@@ -260,6 +260,8 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
 def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_name: str, clip: object,
              categories: dict[int, str], config: SamTeacherConfig, device: str) -> SamTeacher:
     """A teacher's ``SamTeacher`` on the shared encoder (class-aware when the file has a class module)."""
+    import torch
+
     from omnilabel.teachers.class_aware import ClassAwareSamTeacher
     from omnilabel.teachers.sam import SamTeacher
     from omnilabel.teachers.teacher_ckpt import attach_teacher, class_prompt_of
@@ -267,7 +269,11 @@ def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_nam
     sam = attach_teacher(tf, encoder_sam, encoder_sha256=encoder_sha, encoder_name=encoder_name)
     class_prompt = class_prompt_of(tf, sam)
     if class_prompt is None:
-        return SamTeacher(sam, config=config, device=device)
+        teacher = SamTeacher(sam, config=config, device=device)
+        task = tf.part("task_prompt").get("gt")
+        if task is not None:  # a SUM teacher decodes as this dataset's GT (task 1)
+            teacher.dense_offset = task.to(teacher.device, torch.float32).view(1, -1, 1, 1)
+        return teacher
     return ClassAwareSamTeacher(sam, class_prompt, clip, categories, config=config, device=device)  # type: ignore[arg-type]
 
 

@@ -167,6 +167,9 @@ class SamTeacher:
             use_sdpa(self.sam.image_encoder)
         self.image_size: int = sam.image_encoder.img_size
         self.transform = ResizeLongestSide(self.image_size)
+        #: (1, C, 1, 1) added to every dense prompt embedding: the GT task prompt of a teacher trained with SUM
+        #: (``omnilabel.teachers.finetune.TaskPrompt``), or None.
+        self.dense_offset: torch.Tensor | None = None
         self.encoder_calls = 0
         self.images_encoded = 0
         self.decoder_calls = 0
@@ -248,7 +251,10 @@ class SamTeacher:
             sparse: (B, T, C) float32 token embeddings; dense: (B, C, g, g) float32 embeddings.
         """
         points = None if batch.points is None else (batch.points, batch.point_labels)
-        return self.sam.prompt_encoder(points=points, boxes=batch.boxes, masks=batch.mask_logits)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=batch.boxes, masks=batch.mask_logits)
+        if self.dense_offset is not None:
+            dense = dense + self.dense_offset
+        return sparse, dense
 
     def predict(
         self,

@@ -10,7 +10,12 @@ A teacher file is a ``torch.save`` of plain containers and tensors (read with ``
      "arch": {SamArch fields},
      "clip": None or {"source", "model_name", "width", "sha256"},
      "config": {FinetuneConfig fields},
-     "state": {"prompt_encoder.*", "mask_decoder.*", ["class_prompt.*"], ["image_encoder.*"]: tensors}}
+     "state": {"prompt_encoder.*", "mask_decoder.*", ["class_prompt.*"], ["image_encoder.*"],
+               ["task_prompt.gt"]: tensors}}
+
+``prompts`` may also be ``refine`` (SUM's refinement module, ``omnilabel.teachers.uncertainty``); a teacher of
+SUM training (``--unlabeled``) holds ``task_prompt.gt``, the vector ``pseudomask`` adds to the dense prompt
+embedding (``omnilabel.teachers.finetune.TaskPrompt``).
 
 Without the encoder a ``vit_h`` teacher is about 16 MB. The base is identified by the sha256 of its image
 encoder's weights (:func:`state_dict_sha256`), not of its file, so the same weights saved as ``.pth`` or
@@ -42,7 +47,7 @@ __all__ = ["TEACHER_FORMAT", "TeacherFile", "attach_teacher", "build_full_sam", 
 
 TEACHER_FORMAT = "omnilabel.sam-teacher"
 TEACHER_VERSION = 1
-_PARTS = ("prompt_encoder", "mask_decoder", "class_prompt", "image_encoder")
+_PARTS = ("prompt_encoder", "mask_decoder", "class_prompt", "image_encoder", "task_prompt")
 _MAX_LISTED = 8
 
 
