@@ -28,7 +28,6 @@ from omnilabel.errors import InputError, JobError
 from omnilabel.events import OnEvent
 from omnilabel.io import append_jsonl, save_torch_atomic
 from omnilabel.models.precision import autocast_dtype
-from omnilabel.ops.boxes import jitter_boxes_xyxy
 from omnilabel.teachers.finetune import (
     FinetuneConfig,
     LossMeter,
@@ -38,16 +37,11 @@ from omnilabel.teachers.finetune import (
     point_generator,
     ua_mask_losses,
 )
+from omnilabel.teachers.finetune_batch import Batcher
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
     TrainImage,
     TrainInstance,
-    batch_instances,
-    decode_mask,
-    mask_in_input_frame,
-    mixed_batch_instances,
-    sample_prompt,
-    sample_unlabeled_prompt,
 )
 from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
 from omnilabel.teachers.uncertainty import PairSet, build_refine_pairs, pair_dir_key
@@ -110,24 +104,6 @@ class RunPaths:
         return self.root / "embeddings" / encoder_sha256[:16]
 
 
-def _read_u(inst: TrainInstance, shape: tuple[int, ...]) -> np.ndarray:
-    """(H, W) float32 uncertainty map of a pseudomask; it must have its mask's size.
-
-    Raises:
-        InputError: unreadable, or another size (naming the annotation).
-    """
-    from omnilabel.data.maps import read_uncertainty_map
-
-    try:
-        u = read_uncertainty_map(str(inst.uncertainty)).values
-    except InputError as e:
-        raise InputError(f"annotation id={inst.annotation_id}: {e}") from None
-    if u.shape != tuple(shape):
-        raise InputError(f"annotation id={inst.annotation_id}: uncertainty map {inst.uncertainty} is "
-                         f"{u.shape[0]}x{u.shape[1]}, its mask {shape[0]}x{shape[1]}")
-    return u
-
-
 def _distributed(world_size: int) -> bool:
     return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -155,158 +131,6 @@ def encode_missing(sam: Sam, cache: EmbeddingCache, images: tuple[TrainImage, ..
         cache.save(im.image_id, emb.features, input_size=emb.input_size, original_size=emb.original_size)
         done += 1
     return done
-
-
-class _Batcher:
-    """Builds the tensors of one step on one worker."""
-
-    def __init__(self, setup: FinetuneSetup, sam: Sam, *, cache: EmbeddingCache | None, rank: int, world_size: int,
-                 device: torch.device) -> None:
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        self.setup, self.sam, self.cache = setup, sam, cache
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.image_size = int(sam.image_encoder.img_size)
-        self.transform = ResizeLongestSide(self.image_size)
-        self.class_rows = {c: i for i, c in enumerate(setup.class_ids)}
-        self.text = None if setup.class_text is None else torch.as_tensor(setup.class_text, device=device)
-        self._images: dict[int, torch.Tensor] = {}
-        #: The refiner's training pairs (``prompts refine``), set by ``train_worker``.
-        self.pairs: PairSet | None = None
-        self._pair_logits: dict[Any, torch.Tensor] = {}
-
-    def _image(self, index: int) -> torch.Tensor:
-        """(3, h', w') uint8 resized image, kept in memory (``--train-encoder`` runs only)."""
-        if index not in self._images:
-            from omnilabel.data.images import read_image_rgb
-
-            rgb = read_image_rgb(self.setup.images[index].path)
-            self._images[index] = torch.as_tensor(self.transform.apply_image(rgb)).permute(2, 0, 1).contiguous()
-        return self._images[index]
-
-    def _prompt(self, mask: np.ndarray, *, step: int, position: int, original_size: tuple[int, int],
-                certainty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The prompt of global batch position ``position`` at step ``step``, in SAM's input frame.
-
-        Args:
-            mask: (H, W) bool GT mask at the original size ``original_size`` = (H, W).
-
-        Returns:
-            ``(point_xy (2,), box_xyxy (4,))`` float64, all-NaN where the prompt has none; the box jittered
-            with ``box_jitter`` (``finetune_data``'s choices).
-        """
-        cfg = self.setup.config
-        rng = np.random.default_rng([cfg.seed, step, position])
-        if certainty is None:
-            point, box = sample_prompt(mask, cfg.prompts, rng)
-        else:  # a pseudomask: its point drawn ∝ certainty (SUM §3.2.2)
-            point, box = sample_unlabeled_prompt(mask, certainty, cfg.prompts, rng)
-        if np.isfinite(point).all():
-            point = self.transform.apply_coords(point[None], original_size)[0]
-        if np.isfinite(box).all():
-            box = self.transform.apply_boxes(box[None], original_size)[0]
-            if cfg.box_jitter:
-                # the jitter's draws come after the prompt's, from its generator: a pure function of
-                # (seed, step, position) again; bounds: the box of a full mask, in SAM's convention
-                h, w = original_size
-                bounds = self.transform.apply_coords(np.array([[w - 1.0, h - 1.0]]), original_size)[0]
-                box = jitter_boxes_xyxy(box, rng, std_frac=cfg.box_jitter_frac, max_px=cfg.box_jitter_max_px,
-                                        bounds_wh=bounds)
-        return point, box
-
-    def _refine_step(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
-        """A step of refiner pairs: the SAM mask's logits + its box + its click, target the GT mask."""
-        cfg, dev, pairs = self.setup.config, self.device, self.pairs
-        assert pairs is not None and self.cache is not None
-        positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(pairs), seed=cfg.seed,
-                                             rank=self.rank, world_size=self.world_size)
-        b = len(positions)
-        feats, gts, pts, bxs, logits = [], [], np.zeros((b, 2)), np.zeros((b, 4)), []
-        for j, idx in enumerate(indices):
-            k = int(pairs.instance[idx])
-            inst = self.setup.instances[k]
-            f, input_size, original = self.cache.load(self.setup.images[inst.image_index].image_id)
-            feats.append(f)
-            pts[j] = self.transform.apply_coords(pairs.point[idx][None], tuple(original))[0]
-            bxs[j] = self.transform.apply_boxes(pairs.box[idx][None], tuple(original))[0]
-            logits.append(pairs.logits(k, self._pair_logits))
-            gts.append(mask_in_input_frame(decode_mask(inst), input_size=tuple(input_size),
-                                           image_size=self.image_size, device=dev))
-        group = {"index": torch.arange(b, device=dev),
-                 "points": torch.as_tensor(pts, dtype=torch.float32, device=dev)[:, None],
-                 "labels": torch.ones((b, 1), dtype=torch.int, device=dev),
-                 "boxes": torch.as_tensor(bxs, dtype=torch.float32, device=dev),
-                 "masks": torch.stack(logits).to(dev, torch.float32)[:, None], "text": None, "multimask": False}
-        inputs = {"features": torch.stack(feats).to(dev, torch.float32), "images": None, "image_index": None,
-                  "groups": [group], "positions": positions}
-        return inputs, torch.stack(gts), b
-
-    def __call__(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
-        """``(model inputs + "positions" (b,) global batch positions, gt (b, 1, S, S), b)`` of step ``step``."""
-        if self.pairs is not None:
-            return self._refine_step(step)
-        cfg, dev = self.setup.config, self.device
-        if cfg.unlabeled:
-            positions, unlabeled, indices = mixed_batch_instances(
-                step, batch_size=cfg.batch_size, n_labeled=len(self.setup.instances),
-                n_unlabeled=len(self.setup.unlabeled), seed=cfg.seed, rank=self.rank, world_size=self.world_size)
-        else:
-            positions, indices = batch_instances(step, batch_size=cfg.batch_size,
-                                                 n_instances=len(self.setup.instances), seed=cfg.seed, rank=self.rank,
-                                                 world_size=self.world_size)
-            unlabeled = np.zeros(len(positions), dtype=bool)
-        b = len(positions)
-        pts, bxs = np.full((b, 2), np.nan), np.full((b, 4), np.nan)
-        gts, feats, image_of, certainty = [], [], [], []
-        for j, (pos, idx) in enumerate(zip(positions, indices, strict=True)):
-            inst = (self.setup.unlabeled if unlabeled[j] else self.setup.instances)[int(idx)]
-            im = self.setup.images[inst.image_index]
-            mask = decode_mask(inst)
-            c = None if inst.uncertainty is None else 1.0 - _read_u(inst, mask.shape)
-            if self.cache is not None:
-                f, input_size, original = self.cache.load(im.image_id)
-                feats.append(f)
-            else:
-                original = (im.height, im.width)
-                input_size = self.transform.get_preprocess_shape(im.height, im.width, self.image_size)
-                image_of.append(inst.image_index)
-            pts[j], bxs[j] = self._prompt(mask, step=step, position=int(pos), original_size=tuple(original),
-                                          certainty=c)
-            gts.append(mask_in_input_frame(mask, input_size=tuple(input_size), image_size=self.image_size, device=dev))
-            if cfg.unlabeled:  # c in the input frame: u resized like the mask, padding u = 0 (c = 1)
-                u = np.zeros(mask.shape, np.float32) if c is None else 1.0 - c
-                certainty.append(1.0 - mask_in_input_frame(u, input_size=tuple(input_size),
-                                                           image_size=self.image_size, device=dev))
-        inputs: dict[str, Any] = {"features": None, "images": None, "image_index": None}
-        if self.cache is not None:
-            inputs["features"] = torch.stack(feats).to(dev, torch.float32)
-        else:
-            unique = sorted(set(image_of))
-            inputs["images"] = torch.cat([self.sam.preprocess(self._image(u).to(dev, torch.float32)[None])
-                                          for u in unique])
-            inputs["image_index"] = torch.as_tensor([unique.index(u) for u in image_of], device=dev)
-        has_pt, has_box = np.isfinite(pts).all(1), np.isfinite(bxs).all(1)
-        groups = []
-        for kind_pt, kind_box in ((True, False), (False, True), (True, True)):
-            rows = np.flatnonzero((has_pt == kind_pt) & (has_box == kind_box))
-            if not len(rows):
-                continue
-            text = None
-            if self.text is not None:
-                cats = [self.setup.instances[int(indices[r])].category_id for r in rows]
-                text = self.text[torch.as_tensor([self.class_rows[c] for c in cats], device=dev)]
-            groups.append({
-                "index": torch.as_tensor(rows, device=dev),
-                "points": torch.as_tensor(pts[rows], dtype=torch.float32, device=dev)[:, None] if kind_pt else None,
-                "labels": torch.ones((len(rows), 1), dtype=torch.int, device=dev) if kind_pt else None,
-                "boxes": torch.as_tensor(bxs[rows], dtype=torch.float32, device=dev) if kind_box else None,
-                "text": text, "multimask": kind_pt and not kind_box,
-                "task": torch.as_tensor(~unlabeled[rows], dtype=torch.int64, device=dev) if cfg.unlabeled else None})
-        inputs["groups"] = groups
-        inputs["positions"] = positions
-        inputs["unlabeled"] = unlabeled
-        inputs["certainty"] = torch.stack(certainty) if cfg.unlabeled else None
-        return inputs, torch.stack(gts), b
 
 
 def _build_model(setup: FinetuneSetup, sam: Sam, device: torch.device) -> SamTrainable:
@@ -400,7 +224,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
     if _distributed(world_size):
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
-    batcher = _Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=dev)
+    batcher = Batcher(setup, sam, cache=cache, rank=rank, world_size=world_size, device=dev)
     batcher.pairs = pairs
     meter, last = LossMeter(), {}
 

@@ -21,6 +21,7 @@ from omnilabel.ops.boxes import masks_to_boxes_xyxy, masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import mask_iou, rle_to_masks
 from omnilabel.teachers.class_aware import ClassAwareSamTeacher
 from omnilabel.teachers.finetune import FinetuneConfig, decode_per_instance
+from omnilabel.teachers.finetune_batch import Batcher as _Batcher
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
     batch_instances,
@@ -30,7 +31,7 @@ from omnilabel.teachers.finetune_data import (
     parse_prompt_mode,
     sample_prompt,
 )
-from omnilabel.teachers.finetune_run import FinetuneSetup, _Batcher
+from omnilabel.teachers.finetune_run import FinetuneSetup
 from omnilabel.teachers.loading import TeacherSpec, load_teachers, resolve_paths
 from omnilabel.teachers.sam import SamTeacher
 from omnilabel.teachers.teacher_ckpt import read_teacher

@@ -117,6 +117,8 @@ def test_min_iou_splits_the_pairs_into_kept_and_dropped(capsys, refiner, data, t
     pair_dir = _pair_files(Path(summary["run_dir"]))[0].parent
     pairs = PairSet.read(pair_dir, images, min_iou=cut)
     assert (len(pairs), pairs.dropped) == (kept, n_gt - kept) and (pairs.iou >= cut).all()
+    at = PairSet.read(pair_dir, images, min_iou=float(ious[n_gt // 2]))  # a pair exactly at --min-iou is kept
+    assert len(at) == n_gt - n_gt // 2
     code, out, err = run(capsys, "finetune-teacher", data / "weak.json", "--images", data / "images", "--sam",
                          tiny_sam_path, "--prompts", "refine", "--min-iou", str(cut), "--steps", "1",
                          "--batch-size", "4", "-o", tmp_path / "r.pt")
