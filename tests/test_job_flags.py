@@ -18,6 +18,7 @@ JOB_COMMANDS = {
     "predict": ["run", "--images", "images"],
     "finetune-teacher": ["coco.json"],
     "train-student": ["coco.json", "-o", "run"],
+    "uncertainty": ["pseudo.json", "--refiner", "r.pt"],
 }
 #: The job flags; a trainer writes into its run directory, so train-student's is its ``-o``, not ``--job-dir``.
 FLAGS = ["--num-workers", "--address", "--device", "--batch-size", "--job-dir", "--overwrite"]

@@ -182,7 +182,8 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                           class_text=class_text, clip=clip_rec,
                           threads=0 if job.in_process or job.gpu else job.threads_per_worker(),
                           start_teacher=None if start is None else str(start.path.resolve()),
-                          start_teacher_sha256=start_sha, unlabeled=tuple(unlabeled))
+                          start_teacher_sha256=start_sha, unlabeled=tuple(unlabeled),
+                          start_encoder_included=start is not None and start.encoder_included)
     if job.in_process:
         result = train_worker(setup, device=job.device, on_event=on_event)
     else:

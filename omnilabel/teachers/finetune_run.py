@@ -64,6 +64,7 @@ class FinetuneSetup:
         base_encoder_sha256: ``state_dict_sha256`` of the image encoder the run decodes from.
         start_teacher: a teacher file to start from instead of the base SAM's decoder (``--teacher``), or None.
         start_teacher_sha256: its file's sha256 (each worker checks it reads the same file).
+        start_encoder_included: the start teacher holds its image encoder (then so does the new file).
         unlabeled: SUM training's pseudomasks (``uncertainty`` set), their images among ``images``.
         images: the fully annotated images. instances: their GT masks.
         run_dir: the run directory.
@@ -87,6 +88,7 @@ class FinetuneSetup:
     threads: int = 0
     start_teacher: str | None = None
     start_teacher_sha256: str | None = None
+    start_encoder_included: bool = False
     unlabeled: tuple[TrainInstance, ...] = ()
 
 
@@ -149,9 +151,17 @@ def _build_model(setup: FinetuneSetup, sam: Sam, device: torch.device) -> SamTra
                         task_prompt=task_prompt).to(device)
 
 
-def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any], step: int) -> dict[str, Any]:
+def _teacher_file(setup: FinetuneSetup, model: SamTrainable, sam: Sam, arch: dict[str, Any],
+                  step: int) -> dict[str, Any]:
+    """The teacher file's contents. It holds the image encoder when it trained it, and when it started from a
+    teacher that holds its own (so it loads on its own as its start does); a refiner never does: it always
+    decodes beside the teacher it refines."""
     cfg = setup.config
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with_encoder = cfg.train_encoder or (setup.start_encoder_included and cfg.prompts != "refine")
+    if with_encoder and model.image_encoder is None:
+        encoder = sam.image_encoder.state_dict()
+        state.update({f"image_encoder.{k}": v.detach().cpu().clone() for k, v in encoder.items()})
     encoder_sha = (state_dict_sha256(model.image_encoder.state_dict()) if model.image_encoder is not None
                    else setup.base_encoder_sha256)
     start = None if setup.start_teacher is None else {"id": Path(setup.start_teacher).name,
@@ -159,7 +169,7 @@ def _teacher_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any
     return {"format": TEACHER_FORMAT, "version": TEACHER_VERSION, "prompts": cfg.prompts,
             "class_aware": cfg.class_aware, "step": step, "start": start,
             "base": {"id": setup.base_id, "source": setup.base_source, "encoder_sha256": setup.base_encoder_sha256},
-            "encoder_sha256": encoder_sha, "encoder_included": cfg.train_encoder, "arch": arch,
+            "encoder_sha256": encoder_sha, "encoder_included": with_encoder, "arch": arch,
             "clip": setup.clip, "config": cfg.to_dict(), "state": state}
 
 
@@ -284,7 +294,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
                     **meter.take(reduce)}
             log(last)
     if rank == 0:
-        save_torch_atomic(_teacher_file(setup, model, arch, cfg.steps), paths.teacher)
+        save_torch_atomic(_teacher_file(setup, model, sam, arch, cfg.steps), paths.teacher)
     if _distributed(world_size):
         torch.distributed.barrier()
     return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "last": last,

@@ -257,9 +257,11 @@ def test_a_stored_mask_the_models_do_not_give_fails_its_image_only(capsys, sum_j
     code, out, err = run(capsys, "uncertainty", path, "--images", sum_job.images, "--refiner", sum_job.refiner,
                          "-o", tmp_path / "u.json")
     assert code == 0, err
+    assert "failed images listed in" in out
     errors = [json.loads(line) for line in (tmp_path / "u.job" / "errors.jsonl").read_text().splitlines()]
     assert [e["image_id"] for e in errors] == [victim["image_id"]]
-    assert f"annotation id={victim['id']}:" in errors[0]["error"] and "differs from the stored one" in errors[0]["error"]
+    message = errors[0]["error"]
+    assert f"annotation id={victim['id']}:" in message and "differs from the stored one" in message
     scored = json.loads((tmp_path / "u.json").read_text())["annotations"]
     pseudo = [a for a in scored if _meta(a)["source"] == "pseudo"]
     assert all(("uncertainty" in _meta(a)) == (a["image_id"] != victim["image_id"]) for a in pseudo)

@@ -145,3 +145,23 @@ def test_sum_run_writes_a_task_prompt_that_pseudomask_decodes_with(shapes_coco, 
     spec = TeacherSpec(teacher=str(out), sam=str(tiny_sam_path), detector="none")
     teachers = load_teachers(spec, resolve_paths(spec, load_detector=False))
     assert torch.equal(teachers.sam.dense_offset.view(-1), gt)
+
+
+def test_a_teacher_started_from_one_that_holds_its_encoder_loads_on_its_own(shapes_coco, tiny_sam_path, tmp_path):
+    images = Dataset(shapes_coco, shapes_coco.parent / "images")
+    small = {"steps": 1, "batch_size": 2, "num_points": 64}
+    own = tmp_path / "own.pt"  # its encoder differs from the base's: it was trained
+    run_finetune_teacher(images, own, JobOptions(num_workers=0), TeacherRecipe(
+        FinetuneConfig(train_encoder=True, lr=1e-2, **small), sam=str(tiny_sam_path)))
+    child = tmp_path / "child.pt"
+    run_finetune_teacher(images, child, JobOptions(num_workers=0), TeacherRecipe(
+        FinetuneConfig(**small), teacher=str(own)))
+    tf = read_teacher(child)
+    assert tf.encoder_included and tf.encoder_sha256 == read_teacher(own).encoder_sha256
+    spec = TeacherSpec(teacher=str(child), detector="none")  # no --sam: the file is enough
+    teachers = load_teachers(spec, resolve_paths(spec, load_detector=False))
+    assert teachers.sam.sam.image_encoder is not None
+    refiner = tmp_path / "refiner.pt"  # a refiner of it holds no encoder: it decodes beside its teacher
+    run_finetune_teacher(images, refiner, JobOptions(num_workers=0), TeacherRecipe(
+        FinetuneConfig(prompts="refine", min_iou=0.0, **small), teacher=str(child)))
+    assert not read_teacher(refiner).encoder_included
