@@ -28,7 +28,14 @@ from omnilabel.jobs.merge import merge_shards
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, run_unfinished_shards
 from omnilabel.models.registry import WeightRef
-from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_id, model_refs, resolve_refs
+from omnilabel.teachers.loading import (
+    TeacherSpec,
+    load_teachers,
+    model_id,
+    model_refs,
+    refiner_mismatch,
+    resolve_refs,
+)
 from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline
 
 #: Images per shard (``--batch-size``): the unit of resume (and, on Ray, of scheduling).
@@ -257,6 +264,8 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     # Teacher files are read (a missing or foreign one fails here, before the job directory is written) and
     # hashed once; workers get names and paths and find them on their own nodes.
     refs = model_refs(spec, load_detector=load_detector)
+    if (mismatch := refiner_mismatch(spec, refs)) is not None:
+        emit(on_event, "warning", message=mismatch)
     for role, path in spec.teacher_files().items():
         manifest["models"][role] = model_id(path)
         manifest["models"][role + "_sha256"] = refs[role].sha256
@@ -280,6 +289,10 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
                                                                  "models": manifest["models"],
                                                                  "teachers": recorded_teachers(spec),
                                                                  "version": __version__}}
+    if spec.refiner is not None:
+        header["info"]["omnilabel"]["uncertainty"] = {"refiner": manifest["models"]["refiner"],
+                                                      "refiner_sha256": manifest["models"]["refiner_sha256"],
+                                                      "version": __version__}
     errors_path = jobdir.path / "errors.jsonl"
     summary = merge_shards(jobdir, len(shards), header=header, output=output, errors_path=errors_path)
     summary.update(skipped_shards=skipped, wall_s=time.perf_counter() - t_start, output=str(output),

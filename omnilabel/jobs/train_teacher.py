@@ -100,6 +100,8 @@ def _open_run(paths: RunPaths, manifest: dict[str, Any], *, resume: bool, overwr
         if not resume:
             for stale in (paths.state, paths.log, paths.teacher):
                 stale.unlink(missing_ok=True)
+            for pairs in paths.root.glob("embeddings/*/pairs-*"):  # a refiner's pairs are recomputed
+                shutil.rmtree(pairs)
     paths.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, paths.manifest)
     return resume and paths.state.is_file()
@@ -137,7 +139,8 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
     output, images_dir = Path(output), inputs.images_dir
     data = load_coco(inputs.coco, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
     images, instances = collect_training_set(data, images_dir, allow_outside_images=inputs.allow_outside_images,
-                                             source=str(inputs.coco), pseudo=not recipe.unlabeled)
+                                             source=str(inputs.coco),
+                                             pseudo=not (recipe.unlabeled or recipe.prompts == "refine"))
     unlabeled: list = []
     if config.unlabeled is not None:
         pseudo = load_coco(config.unlabeled, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)

@@ -32,7 +32,7 @@ from omnilabel.data.coco import category_names, load_coco, resolve_image_path
 from omnilabel.data.maps import MapFolder
 from omnilabel.data.weak import WeakType
 from omnilabel.errors import CheckpointError, InputError
-from omnilabel.events import OnEvent
+from omnilabel.events import OnEvent, emit
 from omnilabel.io import file_sha256, write_json_atomic
 from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.merge import write_errors
@@ -46,7 +46,15 @@ from omnilabel.jobs.runner import (
 )
 from omnilabel.models.registry import WeightRef
 from omnilabel.ops.masks import segmentation_to_rle
-from omnilabel.teachers.loading import ROLES, TeacherSpec, load_teachers, model_id, model_refs, resolve_refs
+from omnilabel.teachers.loading import (
+    ROLES,
+    TeacherSpec,
+    load_teachers,
+    model_id,
+    model_refs,
+    refiner_mismatch,
+    resolve_refs,
+)
 from omnilabel.teachers.uncertainty import UncertaintyScorer, prompt_points
 
 #: Images per shard (``--batch-size``).
@@ -262,6 +270,8 @@ def run_uncertainty(inputs: Dataset, output: str | Path, config: UncertaintyConf
                          "pseudomasks of an `omnilabel pseudomask` output")
     refs = model_refs(spec, load_detector=False)
     _check_same_teachers(refs, data, source)
+    if (mismatch := refiner_mismatch(spec, refs)) is not None:
+        emit(on_event, "warning", message=mismatch)
     tasks = [ScoreTask(int(im["id"]), str(resolve_image_path(images_dir, im["file_name"],
                                                              allow_outside_images=inputs.allow_outside_images)),
                        by_image[int(im["id"])]) for im in data["images"] if int(im["id"]) in by_image]

@@ -211,7 +211,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         assert cache is not None
         decoder_sha = state_dict_sha256({**{f"p.{k}": v for k, v in sam.prompt_encoder.state_dict().items()},
                                          **{f"m.{k}": v for k, v in sam.mask_decoder.state_dict().items()}})
-        pair_dir = cache.root / pair_dir_key(decoder_sha, cfg.seed)
+        pair_dir = cache.root / pair_dir_key(decoder_sha, cfg.seed, setup.instances)
         build_refine_pairs(sam, cache, setup.images, setup.instances, pair_dir=pair_dir, seed=cfg.seed, rank=rank,
                            world_size=world_size, device=device)
         if _distributed(world_size):

@@ -167,6 +167,31 @@ def model_refs(spec: TeacherSpec, *, load_detector: bool) -> dict[str, WeightRef
     return refs
 
 
+def refiner_mismatch(spec: TeacherSpec, refs: Mapping[str, WeightRef]) -> str | None:
+    """Why the refiner may not fit the job's teachers, as one line, or None.
+
+    A refiner learns how one teacher's masks differ from the GT (``finetune-teacher --prompts refine
+    --teacher T``); its file records that teacher's sha256 (or none, for the base SAM). Another teacher's
+    masks still get maps, but they measure the wrong teacher's errors: a warning, not an error.
+    """
+    if spec.refiner is None or "refiner" not in refs:
+        return None
+    from omnilabel.teachers.teacher_ckpt import read_teacher
+
+    start = read_teacher(spec.refiner).meta.get("start") or {}
+    teachers = {ref.sha256 for role, ref in refs.items() if role in ROLES and role != "refiner"}
+    if not teachers and not start:
+        return None
+    if start.get("sha256") in teachers:
+        return None
+    trained_on = f"teacher {start.get('id')}" if start else "the base SAM"
+    used = "the base SAM" if not teachers else "teacher(s) " + ", ".join(
+        model_id(str(getattr(spec, r))) for r in ROLES if r != "refiner" and getattr(spec, r) is not None)
+    return (f"refiner {model_id(spec.refiner)} was trained on the masks of {trained_on}, but this job's masks "
+            f"come from {used}: its maps measure another model's errors (train one with `finetune-teacher "
+            "--prompts refine --teacher T.pt`)")
+
+
 def resolve_refs(models: Mapping[str, WeightRef | Path], *, on_event: OnEvent | None = None) -> dict[str, Path]:
     """Local paths on this node of ``models`` (``model_refs``; a ``Path`` is taken as already local).
 

@@ -510,7 +510,7 @@ class PseudomaskPipeline:
     def _meta(self, extra: dict[str, Any], weak_id: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"source": "pseudo", "weak": extra["weak"],
                                 "weak_id": None if weak_id == NO_WEAK_ID else weak_id,
-                                "teacher": dict(self.teachers.model_ids)}
+                                "teacher": {k: v for k, v in self.teachers.model_ids.items() if k != "refiner"}}
         meta.update({k: v for k, v in extra.items() if k != "weak"})
         return meta
 

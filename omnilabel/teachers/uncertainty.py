@@ -58,9 +58,13 @@ __all__ = ["PairSet", "UncertaintyScorer", "build_refine_pairs", "pair_dir_key",
 _CHUNK = 16
 
 
-def pair_dir_key(decoder_sha256: str, seed: int) -> str:
-    """Name of the folder of a run's pairs: they depend on the SAM that made them and on the seed."""
-    return "pairs-" + hashlib.sha256(f"{decoder_sha256}|{seed}".encode()).hexdigest()[:16]
+def pair_dir_key(decoder_sha256: str, seed: int, instances: Sequence[TrainInstance]) -> str:
+    """Name of the folder of a run's pairs: they depend on the SAM that made them, the seed, and the GT masks
+    (their ids, images and RLEs, in order), so pairs of another input are never reused."""
+    h = hashlib.sha256(f"{decoder_sha256}|{seed}".encode())
+    for inst in instances:
+        h.update(f"|{inst.image_index}:{inst.annotation_id}:{inst.rle['counts']}".encode())
+    return "pairs-" + h.hexdigest()[:16]
 
 
 def _pair_point(mask: np.ndarray, seed: int, instance: int) -> np.ndarray:

@@ -169,9 +169,6 @@ def test_a_resumed_refiner_run_equals_an_uninterrupted_one(refiner, data, tiny_s
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, IndexError),
-                   reason="known bug: pair files are keyed by the decoder and the seed only "
-                          "(finetune_run.train_worker, pair_dir_key), so --overwrite on another input reuses them")
 def test_overwrite_with_another_input_recomputes_the_pairs(data, tiny_sam_path, tmp_path):
     _train(data, tiny_sam_path, tmp_path / "r.pt", steps=1)
     coco = json.loads((data / "weak.json").read_text())  # the same images, the first GT mask gone

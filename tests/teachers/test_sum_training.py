@@ -20,7 +20,7 @@ from omnilabel.teachers.finetune_data import (
     mixed_batch_instances,
     sample_unlabeled_prompt,
 )
-from omnilabel.teachers.loading import TeacherSpec, load_teachers, resolve_paths
+from omnilabel.teachers.loading import TeacherSpec, load_teachers, model_refs, refiner_mismatch, resolve_paths
 from omnilabel.teachers.teacher_ckpt import read_teacher
 
 
@@ -165,3 +165,8 @@ def test_a_teacher_started_from_one_that_holds_its_encoder_loads_on_its_own(shap
     run_finetune_teacher(images, refiner, JobOptions(num_workers=0), TeacherRecipe(
         FinetuneConfig(prompts="refine", min_iou=0.0, **small), teacher=str(child)))
     assert not read_teacher(refiner).encoder_included
+    # it refines the masks of the teacher it was trained from; with another one, a warning says so
+    fits = TeacherSpec(teacher=str(child), refiner=str(refiner), detector="none")
+    assert refiner_mismatch(fits, model_refs(fits, load_detector=False)) is None
+    other = TeacherSpec(teacher=str(own), refiner=str(refiner), detector="none")
+    assert "trained on the masks of teacher child.pt" in refiner_mismatch(other, model_refs(other, load_detector=False))
