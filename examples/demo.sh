@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo of `make demo`: weak labels → pseudomasks with the shipped teacher → a student, every step with
-# its numbers. Usage: demo.sh OMNILABEL_BIN OUT_DIR   (about 7 minutes on 2 CPU cores, no GPU, no network)
+# its numbers. Usage: demo.sh OMNILABEL_BIN OUT_DIR   (about 4 minutes on 2 CPU cores, no GPU, no network)
 set -euo pipefail
 omnilabel=${1:-omnilabel}
 out=${2:-demo-out}

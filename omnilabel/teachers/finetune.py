@@ -320,6 +320,33 @@ class SamTrainable(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+def _sampled_points(logits: torch.Tensor, *, config: FinetuneConfig,
+                    generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat logits (b·K, 1, h, w), points (b·K, P, 2))``: each output's points by importance sampling, from
+    its prompt's generator."""
+    b, k, h, w = logits.shape
+    flat = logits.reshape(b * k, 1, h, w).float()
+    coords = torch.cat([
+        uncertain_point_coords(flat[i * k:(i + 1) * k], num_points=config.num_points,
+                               oversample_ratio=config.oversample_ratio, importance_ratio=config.importance_ratio,
+                               generator=None if generators is None else generators[i])
+        for i in range(b)])
+    return flat, coords
+
+
+def _iou_head_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target_frame: torch.Tensor) -> torch.Tensor:
+    """(b,) mean over the K outputs of ``(iou_pred − IoU)²``, IoU of ``logits > 0`` with the target at the
+    logits' resolution."""
+    h, w = logits.shape[-2:]
+    with torch.no_grad():
+        gt_low = torch.nn.functional.adaptive_avg_pool2d(target_frame, (h, w)) > 0.5
+        pred_low = logits.detach() > 0
+        inter = (pred_low & gt_low).flatten(2).sum(-1).float()
+        union = (pred_low | gt_low).flatten(2).sum(-1).float()
+        iou_true = inter / union.clamp(min=1.0)
+    return ((iou_pred.float() - iou_true) ** 2).mean(dim=1)
+
+
 def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, gt_frame: torch.Tensor, *, config: FinetuneConfig,
                 generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Point-sampled mask loss (min over the K outputs) and IoU-head loss of one group.
@@ -336,26 +363,15 @@ def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, gt_frame: torch.Te
         ``(mask_loss (b,), iou_loss (b,))``: ``min_k (λ_ce·CE + λ_dice·Dice)``, and the mean over k of
         ``(iou_pred - IoU)²`` with IoU that of ``logits > 0`` against the GT at the logits' resolution.
     """
-    b, k, h, w = logits.shape
-    flat = logits.reshape(b * k, 1, h, w).float()
-    coords = torch.cat([
-        uncertain_point_coords(flat[i * k:(i + 1) * k], num_points=config.num_points,
-                               oversample_ratio=config.oversample_ratio, importance_ratio=config.importance_ratio,
-                               generator=None if generators is None else generators[i])
-        for i in range(b)])
+    b, k, _, _ = logits.shape
+    flat, coords = _sampled_points(logits, config=config, generators=generators)
     pred = point_sample(flat, coords)[:, 0]
     with torch.no_grad():
         # each GT mask is read at the points of its K outputs at once (no K copies of an S x S mask)
         target = point_sample(gt_frame, coords.reshape(b, -1, 2)).reshape(b * k, -1)
     per_output = (config.ce_weight * sigmoid_ce_loss_at_points(pred, target)
                   + config.dice_weight * dice_loss_at_points(pred, target)).reshape(b, k)
-    with torch.no_grad():
-        gt_low = torch.nn.functional.adaptive_avg_pool2d(gt_frame, (h, w)) > 0.5
-        pred_low = logits.detach() > 0
-        inter = (pred_low & gt_low).flatten(2).sum(-1).float()
-        union = (pred_low | gt_low).flatten(2).sum(-1).float()
-        iou_true = inter / union.clamp(min=1.0)
-    iou_loss = ((iou_pred.float() - iou_true) ** 2).mean(dim=1)
+    iou_loss = _iou_head_loss(logits, iou_pred, gt_frame)
     return per_output.min(dim=1).values, iou_loss
 
 
@@ -375,13 +391,8 @@ def ua_mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, target_frame: t
     """
     from omnilabel.ops.uncertainty import ua_dice_loss_at_points, ua_focal_loss_at_points
 
-    b, k, h, w = logits.shape
-    flat = logits.reshape(b * k, 1, h, w).float()
-    coords = torch.cat([
-        uncertain_point_coords(flat[i * k:(i + 1) * k], num_points=config.num_points,
-                               oversample_ratio=config.oversample_ratio, importance_ratio=config.importance_ratio,
-                               generator=None if generators is None else generators[i])
-        for i in range(b)])
+    b, k, _, _ = logits.shape
+    flat, coords = _sampled_points(logits, config=config, generators=generators)
     pred = point_sample(flat, coords)[:, 0]
     with torch.no_grad():
         target = point_sample(target_frame, coords.reshape(b, -1, 2)).reshape(b * k, -1)
@@ -389,13 +400,7 @@ def ua_mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, target_frame: t
     per_output = (config.ua_focal_weight * ua_focal_loss_at_points(pred, target, certainty)
                   + config.ua_dice_weight * ua_dice_loss_at_points(pred, target, certainty, theta=config.ua_theta)
                   ).reshape(b, k)
-    with torch.no_grad():
-        gt_low = torch.nn.functional.adaptive_avg_pool2d(target_frame, (h, w)) > 0.5
-        pred_low = logits.detach() > 0
-        inter = (pred_low & gt_low).flatten(2).sum(-1).float()
-        union = (pred_low | gt_low).flatten(2).sum(-1).float()
-        iou_true = inter / union.clamp(min=1.0)
-    iou_loss = ((iou_pred.float() - iou_true) ** 2).mean(dim=1)
+    iou_loss = _iou_head_loss(logits, iou_pred, target_frame)
     return per_output.min(dim=1).values, iou_loss
 
 

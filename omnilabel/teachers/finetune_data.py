@@ -94,6 +94,16 @@ class TrainInstance:
     uncertainty: str | None = None
 
 
+def _plain_rle(segmentation: Any, image: dict[str, Any]) -> dict[str, Any] | None:
+    """A segmentation as compressed RLE with ``counts`` as str (it pickles and prints), None when empty."""
+    rle = segmentation_to_rle(segmentation, int(image["height"]), int(image["width"]))
+    if int(mask_utils.area(rle)) == 0:
+        return None
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_outside_images: bool = False,
                          source: str = "<coco>", pseudo: bool = True) -> tuple[list[TrainImage], list[TrainInstance]]:
     """The images with masks and their non-crowd, non-empty masks, in file order.
@@ -120,12 +130,9 @@ def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_
         if not pseudo and (ann.get("omnilabel") or {}).get("source") == "pseudo":
             continue
         im = images_by_id[int(ann["image_id"])]
-        rle = segmentation_to_rle(ann["segmentation"], int(im["height"]), int(im["width"]))
-        if int(mask_utils.area(rle)) == 0:
+        rle = _plain_rle(ann["segmentation"], im)
+        if rle is None:
             continue
-        counts = rle["counts"]
-        rle = {"size": [int(rle["size"][0]), int(rle["size"][1])],
-               "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         per_image.setdefault(int(im["id"]), []).append(
             TrainInstance(image_index=-1, annotation_id=int(ann["id"]), category_id=int(ann["category_id"]), rle=rle))
     images: list[TrainImage] = []
@@ -199,12 +206,9 @@ def collect_unlabeled(data: dict[str, Any], images_dir: str | Path, images: list
         elif Path(images[i].path) != path:
             raise InputError(f"{source}: image id={im['id']} is {path}, but the labelled file's image id={im['id']} "
                              f"is {images[i].path}; the two files must share one image id space")
-        rle = segmentation_to_rle(ann["segmentation"], int(im["height"]), int(im["width"]))
-        if int(mask_utils.area(rle)) == 0:
+        rle = _plain_rle(ann["segmentation"], im)
+        if rle is None:
             continue
-        counts = rle["counts"]
-        rle = {"size": [int(rle["size"][0]), int(rle["size"][1])],
-               "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         out.append(TrainInstance(i, int(ann["id"]), int(ann["category_id"]), rle, str(maps[int(ann["id"])])))
     if missing:
         raise InputError(f"{len(missing)} image(s) of the unlabelled file are missing (is --images right?)",
