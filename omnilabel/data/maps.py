@@ -37,6 +37,12 @@ _SUFFIXES = (".png", ".npy")
 _MAX_LISTED = 50
 
 
+def quantize(u: np.ndarray) -> np.ndarray:
+    """(H, W) uint16 ``round(u * 65535)`` of values in [0, 1]: what a ``.png`` map stores (a quarter of the
+    memory of float64, half of float32, and nothing lost that the file keeps)."""
+    return np.rint(np.asarray(u, dtype=np.float64) * UINT16_MAX).astype(np.uint16)
+
+
 def _value_problem(values: np.ndarray) -> str | None:
     """Why ``values`` is not an (H, W) array of finite numbers in [0, 1], or None."""
     if values.ndim != 2:
@@ -103,8 +109,7 @@ class UncertaintyMap:
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 if suffix == ".png":
-                    grey = np.rint(self.values.astype(np.float64) * UINT16_MAX).astype(np.uint16)
-                    Image.fromarray(grey).save(f, format="PNG")
+                    Image.fromarray(quantize(self.values)).save(f, format="PNG")
                 else:
                     np.save(f, self.values, allow_pickle=False)
                 f.flush()
@@ -138,8 +143,17 @@ class MapFolder:
         return cls(root=str(output.parent / f"{name}.uncertainty"), ref=f"{name}.uncertainty")
 
     def write(self, image_id: int, key: int, u: np.ndarray) -> str:
-        """Save one map (atomically) and return what ``omnilabel.uncertainty`` holds for it."""
-        UncertaintyMap(u).save(Path(self.root) / str(int(image_id)) / f"{int(key)}.png")
+        """Save one map (atomically) and return what ``omnilabel.uncertainty`` holds for it.
+
+        Args:
+            u: (H, W) float in [0, 1], or uint16 already quantized (:func:`quantize`).
+        """
+        path = Path(self.root) / str(int(image_id)) / f"{int(key)}.png"
+        if u.dtype != np.uint16:
+            UncertaintyMap(u).save(path)
+        else:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                Image.fromarray(u).save(f, format="PNG")
         return f"{self.ref}/{int(image_id)}/{int(key)}.png"
 
 

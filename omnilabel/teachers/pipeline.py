@@ -137,7 +137,7 @@ class ImageResult:
         counts: pseudomasks written per weak type, plus ``"gt"`` passed through, ``"empty"`` masks and
             ``"duplicate"`` detections dropped.
         seconds: wall time per stage (encode, detect, decode, refine, encode_rle, uncertainty).
-        maps: with a refiner, the uncertainty map ``u`` ((H, W) float32 in [0, 1]) of each pseudomask, keyed by
+        maps: with a refiner, the uncertainty map of each pseudomask ((H, W) uint16 ``round(u · 65535)``), keyed by
             its position in ``annotations`` (its ``omnilabel.uncertainty_mean`` is already set; the caller
             writes the map and sets ``omnilabel.uncertainty``).
     """

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from omnilabel.data.maps import quantize
 from omnilabel.errors import InputError
 from omnilabel.io import save_torch_atomic
 from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
@@ -235,7 +236,8 @@ class UncertaintyScorer:
 
     def score(self, emb: ImageEmbedding, low_res_logits: np.ndarray, points_xy: np.ndarray
               ) -> list[tuple[np.ndarray, float]]:
-        """``(u (H, W) float32 in [0, 1], uncertainty_mean)`` of each pseudomask.
+        """``(u, uncertainty_mean)`` of each pseudomask, ``u`` (H, W) uint16 ``round(u · 65535)`` as its map file
+        stores it (``omnilabel.data.maps.quantize``: a 12-MP image's maps take 24 MB each, not 48).
 
         Args:
             emb: the image's embedding (the one the pseudomasks were decoded from).
@@ -264,5 +266,5 @@ class UncertaintyScorer:
                                                emb.input_size, emb.original_size)[:, 0]
                 u = uncertainty_from_logits(s_full.float(), r_full.float()).clamp_(0.0, 1.0).cpu().numpy()
             for k in range(len(u)):
-                out.append((u[k], uncertainty_mean(u[k], masks[k], band_px=self.band_px)))
+                out.append((quantize(u[k]), uncertainty_mean(u[k], masks[k], band_px=self.band_px)))
         return out
