@@ -6,6 +6,8 @@ input alone, so images of any sizes batch together; the embeddings equal one-at-
 ``SamTeacher.predict`` takes N prompts of mixed kinds — one positive point, one box, or both — groups them
 by kind, and runs the mask decoder once per group (and per chunk of ``max_prompts_per_call``), never once
 per prompt. Results equal ``segment_anything.SamPredictor``'s, prompt by prompt.
+``SamTeacher.decode_points_multimask`` streams SAM's 3 outputs per single point (e.g. a point grid) as
+low-res logits, chunk by chunk; ``SamTeacher.upsample`` turns only the logits a caller keeps into masks.
 
 Extension hook: ``SamTeacher.encode_prompts(batch)`` turns one ``PromptBatch`` into SAM's
 ``(sparse, dense)`` prompt embeddings. A class-aware prompt module overrides it in a subclass; per-prompt
@@ -78,6 +80,22 @@ class SamOutput:
     masks: np.ndarray
     iou_scores: np.ndarray
     low_res_logits: np.ndarray
+
+
+@dataclass
+class MultimaskChunk:
+    """SAM's 3 outputs for a chunk of single positive points, at the decoder's resolution only.
+
+    Attributes:
+        indices: (n,) int64 positions of these points in the ``decode_points_multimask`` input.
+        low_res_logits: (n, 3, 4g, 4g) float32 mask logits in the padded square input frame, SAM's multimask
+            outputs in decoder order (not sorted by area); ``SamTeacher.upsample`` turns rows into masks.
+        iou_scores: (n, 3) float32 SAM's predicted IoU of each output.
+    """
+
+    indices: np.ndarray
+    low_res_logits: np.ndarray
+    iou_scores: np.ndarray
 
 
 @dataclass
@@ -319,6 +337,81 @@ class SamTeacher:
             masks[batch.indices], scores[batch.indices], low_res[batch.indices] = m, s, lr
         return SamOutput(masks=masks, iou_scores=scores, low_res_logits=low_res)
 
+    def decode_points_multimask(
+        self, emb: ImageEmbedding, points_xy: np.ndarray, *, chunk: int | None = None
+    ) -> Iterator[MultimaskChunk]:
+        """SAM's 3 candidate masks per single positive point, streamed chunk by chunk as low-res logits.
+
+        Each chunk is one decoder call with ``multimask_output=True``; nothing is upsampled, so a 64 x 64 grid
+        (E-SAM §2.4) costs 3 x 4096 x (4g)² floats in total but only one chunk's worth at a time. Row i equals
+        ``SamPredictor.predict(point_coords=points_xy[i:i+1], point_labels=[1], multimask_output=True)``.
+        On out-of-memory the chunk size is halved for this and all later chunks (results do not depend on it).
+
+        Args:
+            emb: output of ``encode`` for the image.
+            points_xy: (N, 2) finite float pixel xy in the original image (e.g. ``omnilabel.ops.grid.point_grid``).
+            chunk: points per decoder call, >= 1; default ``config.max_prompts_per_call``.
+
+        Yields:
+            ``MultimaskChunk``s covering 0..N-1 in input order (none when N = 0).
+
+        Raises:
+            InputError: ``points_xy`` is not (N, 2) finite, ``chunk`` < 1, or ``emb`` is from another SAM.
+            MemoryError: out of memory on a single point.
+        """
+        pts, _, _, n = self._check_prompts(points_xy, None, None, emb)
+        if pts is None or (n and not np.isfinite(pts).all()):
+            raise InputError("points_xy must be an (N, 2) array of finite pixel xy")
+        step = self.config.max_prompts_per_call if chunk is None else int(chunk)
+        if step < 1:
+            raise InputError(f"chunk must be >= 1, got {chunk}")
+        xy_all = self.transform.apply_coords(pts, emb.original_size)
+        start = 0
+        while start < n:
+            idx = np.arange(start, min(start + step, n))
+            points = torch.as_tensor(xy_all[idx], dtype=torch.float, device=self.device)[:, None, :]
+            labels = torch.ones((len(idx), 1), dtype=torch.int, device=self.device)
+            batch = PromptBatch(indices=idx, points=points, point_labels=labels, boxes=None, mask_logits=None)
+            try:
+                low_res, iou = self._run_decoder(emb, batch, multimask=True)
+            except torch.OutOfMemoryError as exc:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if step <= 1:
+                    raise MemoryError(f"out of memory decoding a single prompt: {exc}") from exc
+                self.oom_splits += 1
+                step //= 2
+                continue
+            yield MultimaskChunk(indices=idx, low_res_logits=low_res.cpu().numpy(), iou_scores=iou.cpu().numpy())
+            start += len(idx)
+
+    def upsample(self, emb: ImageEmbedding, low_res_logits: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Low-res logits to masks at the original image size (``Sam.postprocess_masks``, then threshold).
+
+        Args:
+            emb: the ``ImageEmbedding`` the logits were decoded from.
+            low_res_logits: (n, 4g, 4g) float logits, e.g. rows of ``MultimaskChunk.low_res_logits[:, k]``.
+
+        Returns:
+            (n, H, W) bool masks, logit > ``config.mask_threshold``; computed ``max_prompts_per_call`` at a time.
+
+        Raises:
+            InputError: ``low_res_logits`` is not (n, 4g, 4g).
+        """
+        grid = tuple(self.sam.prompt_encoder.mask_input_size)
+        if low_res_logits.ndim != 3 or tuple(low_res_logits.shape[1:]) != grid:
+            raise InputError(f"low_res_logits: expected shape (n, {grid[0]}, {grid[1]}), got "
+                             f"{tuple(low_res_logits.shape)}")
+        H, W = emb.original_size
+        out = np.zeros((len(low_res_logits), H, W), dtype=bool)
+        step = self.config.max_prompts_per_call
+        with torch.inference_mode():
+            for start in range(0, len(out), step):
+                lr = torch.as_tensor(low_res_logits[start : start + step], device=self.device).float()[:, None]
+                full = self.sam.postprocess_masks(lr, emb.input_size, emb.original_size)
+                out[start : start + step] = (full[:, 0] > self.config.mask_threshold).cpu().numpy()
+        return out
+
     def _check_prompts(
         self, points_xy: Any, boxes_xyxy: Any, mask_logits: Any, emb: ImageEmbedding
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
@@ -380,6 +473,21 @@ class SamTeacher:
     def _decode(self, emb: ImageEmbedding, batch: PromptBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One mask-decoder call: (B, H, W) bool masks, (B,) scores, (B, 4g, 4g) low-res logits."""
         multimask = batch.multimask_candidate and self.config.multimask_single_point
+        low_res, iou = self._run_decoder(emb, batch, multimask=multimask)
+        with torch.inference_mode():
+            if multimask:
+                best = iou.argmax(dim=1)
+                rows = torch.arange(len(best), device=best.device)
+                low_res, iou = low_res[rows, best][:, None], iou[rows, best][:, None]
+            low_res, iou = low_res[:, :1], iou[:, 0]
+            full = self.sam.postprocess_masks(low_res, emb.input_size, emb.original_size)
+            masks = full[:, 0] > self.config.mask_threshold
+        return masks.cpu().numpy(), iou.cpu().numpy(), low_res[:, 0].cpu().numpy()
+
+    def _run_decoder(
+        self, emb: ImageEmbedding, batch: PromptBatch, *, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask-decoder call: (B, 1 or 3, 4g, 4g) float32 low-res logits and (B, 1 or 3) float32 scores."""
         with torch.inference_mode():
             sparse, dense = self.encode_prompts(batch)
             image_pe = self.sam.prompt_encoder.get_dense_pe()
@@ -392,15 +500,7 @@ class SamTeacher:
                     multimask_output=multimask,
                 )
             self.decoder_calls += 1
-            low_res, iou = low_res.float(), iou.float()
-            if multimask:
-                best = iou.argmax(dim=1)
-                rows = torch.arange(len(best), device=best.device)
-                low_res, iou = low_res[rows, best][:, None], iou[rows, best][:, None]
-            low_res, iou = low_res[:, :1], iou[:, 0]
-            full = self.sam.postprocess_masks(low_res, emb.input_size, emb.original_size)
-            masks = full[:, 0] > self.config.mask_threshold
-        return masks.cpu().numpy(), iou.cpu().numpy(), low_res[:, 0].cpu().numpy()
+            return low_res.float(), iou.float()
 
 
 def _take(column: Any, idx: np.ndarray) -> Any:
