@@ -1,0 +1,395 @@
+"""E-SAM entity segmentation with a frozen SAM: MMG → EMR → USR (digest: specs/e-sam.md).
+
+``EntitySegmenter.segment`` encodes the image once, decodes the main grid, the gallery grid and the USR prompts
+from that one embedding, computes the Felzenszwalb superpixels once, and chains the pure steps of
+``omnilabel.ops.entity`` (MMG), ``omnilabel.ops.entity_refine`` (EMR) and ``omnilabel.ops.entity_cover`` (USR).
+
+Glue choices the paper does not make ([ours]):
+
+- Confidence s of every mask is SAM's predicted IoU (§7.3.1); no AMG pre-filter (pred-IoU / stability) runs
+  before the level split, so each point keeps its 3 outputs and the area order is defined (§7.3.2).
+- Part and subpart masks go through adaptive NMS separately, each level against itself (§7.3.6).
+- Memory of the 64-grid gallery: per decoder chunk the 3 outputs are upsampled once to rank them by area
+  (``levels_by_area``), then only the low-res logits of each point's object (O) and best (B) output are kept, as
+  float16 (2 x G x (4g)² values, 1 GiB for G = 4096 and an official SAM; never G x 3 x H x W masks). Full-size
+  gallery masks are upsampled again per use, and only for the points a step can use:
+  - split (§3.1): the points lying on a pixel that two or more object candidates share. ``split_overlaps`` only
+    reads guides at points inside an overlap, and overlaps only shrink, so the result equals the full gallery's;
+  - merge (§3.2): the points lying inside a fragment of some candidate pair (S_M ≥ threshold either way). A SAM
+    mask holds its own prompt point, so a gallery mask covering ≥ ``merge_cover_frac`` of both fragments of a
+    pair almost always has its point in one of them. A point's B mask is added only when it is not its O mask.
+- Centroid features for Eq. 7: the (C, g, g) embedding sampled bilinearly (``grid_sample``, align_corners=False,
+  border padding) at the centroid mapped into SAM's resized input frame (the embedding covers the padded square
+  input at stride image_size / g).
+- USR keeps, for each extra prompt, SAM's highest-scoring of the 3 outputs (§7.3.10); the greedy cover fills the
+  union of the uncovered regions; fusion adds only uncovered pixels (entities stay disjoint).
+- Final scores: an entity keeps the best score of the fragments merged into it; a new USR entity its SAM score.
+  The final masks are read back from the id map (empty ones dropped), so mask i is exactly ``id_map == i + 1``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from omnilabel.errors import InputError
+from omnilabel.ops.entity import adaptive_nms, consistency_filter, levels_by_area, mask_nms, superpixel_density
+from omnilabel.ops.entity_cover import fuse_new_masks, greedy_cover, to_entity_map, uncovered_regions, usr_prompt_points
+from omnilabel.ops.entity_refine import (
+    centroids_in_masks,
+    mask_similarity,
+    merge_fragments,
+    select_guides,
+    split_overlaps,
+)
+from omnilabel.ops.grid import point_grid
+from omnilabel.ops.superpixels import (
+    FELZENSZWALB_MIN_SIZE_PX,
+    FELZENSZWALB_SCALE,
+    FELZENSZWALB_SIGMA,
+    felzenszwalb_superpixels,
+    superpixel_centroids,
+)
+from omnilabel.teachers.sam import ImageEmbedding, SamTeacher
+
+__all__ = ["EntityConfig", "EntityResult", "EntitySegmenter", "EntityStats"]
+
+
+@dataclass(frozen=True)
+class EntityConfig:
+    """Thresholds of E-SAM; paper values where it gives them (Table 4), else the ops' [ours] defaults.
+
+    Attributes:
+        grid_points_per_side: MMG grid, 32 (paper §3.2: 32 x 32 points; "32/64" best in Table 4).
+        gallery_points_per_side: gallery grid, 64 (paper §3.2 / Table 4).
+        decoder_chunk: points per decoder call; a memory cap, results do not depend on it.
+        object_nms_iou: θ_O = 0.8, object-level NMS (paper, Table 4: 0.8 best of 0.7-0.9).
+        object_nms_overlap: "mask" IoU for that NMS ([ours], ``mask_nms``: boxes of nested entities coincide).
+        consistency_iou: γ_O = 0.6, object-vs-best-map IoU of Eq. 2 (paper, Table 4).
+        consistency_exclude_self: [ours] False, a point's own best mask counts in Eq. 2 (the literal equation).
+        part_nms_base_iou: N_t of Eq. 4, not given; [ours] 0.7, SAM AMG's ``box_nms_thresh``.
+        density_reduce: how M_D(𝓜) is read over a mask; [ours] "mean" (``adaptive_nms``).
+        density_ref_area_px: w_k's reference area; [ours] None = median superpixel area (resolution-free).
+        felzenszwalb_scale, felzenszwalb_sigma, felzenszwalb_min_size: not given by the paper; [ours]
+            scikit-image's gallery example (``omnilabel.ops.superpixels``).
+        split_delta: δ = 0.05, an overlap below this share of the larger mask is cut from it (paper, Table 4).
+        guide_tau: τ = 0.1, score gap of Eq. 6 that favours the gallery's object mask (paper, Table 4).
+        same_guide_iou: [ours] 0.9, guides this similar count as one mask in the "most frequent" vote.
+        merge_top_k: k of Eq. 7, not given; [ours] 8 neighbours.
+        merge_min_similarity: "high S_M", not given; [ours] 2.0, a quarter of k.
+        merge_require_adjacent: [ours] True, Eq. 7 speaks of adjacent masks.
+        merge_cover_frac, merge_cover_iou: "a gallery mask encompasses both", not given; [ours] 0.8 and 0.7.
+        usr_min_region_px: [ours] 1, smallest uncovered superpixel remainder that gets a prompt (paper: no filter).
+        usr_contain_frac: [ours] 1.0, Eq. 9's ⊆ for "the hole lies inside a part mask".
+        usr_min_gain_px: [ours] 1, the greedy cover stops when no mask adds this many uncovered pixels.
+        fuse_rho: ρ = 0.1, IoU above which a USR mask joins an entity (paper, Table 4).
+    """
+
+    grid_points_per_side: int = 32
+    gallery_points_per_side: int = 64
+    decoder_chunk: int = 64
+    object_nms_iou: float = 0.8
+    object_nms_overlap: Literal["mask", "box"] = "mask"
+    consistency_iou: float = 0.6
+    consistency_exclude_self: bool = False
+    part_nms_base_iou: float = 0.7
+    density_reduce: Literal["mean", "max"] = "mean"
+    density_ref_area_px: float | None = None
+    felzenszwalb_scale: float = FELZENSZWALB_SCALE
+    felzenszwalb_sigma: float = FELZENSZWALB_SIGMA
+    felzenszwalb_min_size: int = FELZENSZWALB_MIN_SIZE_PX
+    split_delta: float = 0.05
+    guide_tau: float = 0.1
+    same_guide_iou: float = 0.9
+    merge_top_k: int = 8
+    merge_min_similarity: float = 2.0
+    merge_require_adjacent: bool = True
+    merge_cover_frac: float = 0.8
+    merge_cover_iou: float = 0.7
+    usr_min_region_px: int = 1
+    usr_contain_frac: float = 1.0
+    usr_min_gain_px: int = 1
+    fuse_rho: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
+                    for name in ("grid_points_per_side", "gallery_points_per_side", "decoder_chunk", "merge_top_k",
+                                 "usr_min_region_px", "usr_min_gain_px", "felzenszwalb_min_size")
+                    if getattr(self, name) < 1]
+        problems += [f"{name} must be in [0, 1], got {getattr(self, name)}"
+                     for name in ("object_nms_iou", "consistency_iou", "part_nms_base_iou", "split_delta",
+                                  "same_guide_iou", "merge_cover_frac", "merge_cover_iou", "usr_contain_frac",
+                                  "fuse_rho")
+                     if not 0.0 <= getattr(self, name) <= 1.0]
+        if problems:
+            raise InputError("bad EntityConfig", problems)
+
+
+@dataclass
+class EntityStats:
+    """Cost and coverage of one ``segment`` call.
+
+    Attributes:
+        seconds: wall seconds per stage: "encode", "superpixels", "mmg" (main + gallery decoding included),
+            "emr", "usr", "total".
+        encoder_calls: image-encoder passes (1).
+        decoder_calls: mask-decoder calls, all grids and USR prompts.
+        decoder_calls_usr: of those, the USR prompts' calls.
+        covered_frac_emr: share of pixels in some entity after MMG + EMR, in [0, 1].
+        covered_frac_usr: the same after USR (≥ covered_frac_emr: fusion only adds pixels).
+        counts: number of masks after each step ("objects_nms", "objects_kept", "parts", "split", "merged",
+            "usr_prompts", "usr_chosen", "final").
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    encoder_calls: int = 0
+    decoder_calls: int = 0
+    decoder_calls_usr: int = 0
+    covered_frac_emr: float = 0.0
+    covered_frac_usr: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EntityResult:
+    """Non-overlapping entity masks of one image.
+
+    Attributes:
+        masks: (N, H, W) bool, pairwise disjoint, none empty; mask i is ``id_map == i + 1``.
+        scores: (N,) float64 confidence (SAM's predicted IoU, see the module docstring).
+        id_map: (H, W) uint16, 0 = no entity, i + 1 = mask i.
+        stats: cost and coverage.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    id_map: np.ndarray
+    stats: EntityStats
+
+    def __post_init__(self) -> None:
+        if self.masks.ndim != 3 or self.scores.shape != (len(self.masks),) or self.id_map.shape != self.masks.shape[1:]:
+            raise InputError(f"EntityResult: masks (N, H, W), scores (N,), id_map (H, W) expected, got "
+                             f"{self.masks.shape}, {self.scores.shape}, {self.id_map.shape}")
+
+
+@dataclass
+class _Gallery:
+    """The 64-grid gallery, low-res: per point the O and B logits (G, 2, 4g, 4g) float16 and their scores."""
+
+    points_xy: np.ndarray
+    logits: np.ndarray
+    scores: np.ndarray  # (G, 2) float64: S^64O, S^64B
+    same: np.ndarray  # (G,) bool: B is O
+
+
+class EntitySegmenter:
+    """E-SAM on a frozen SAM: ``segment(image)`` → non-overlapping entity masks.
+
+    Args:
+        sam: the SAM teacher (its counters ``encoder_calls`` / ``decoder_calls`` feed the stats).
+        config: thresholds; default ``EntityConfig()``.
+    """
+
+    def __init__(self, sam: SamTeacher, config: EntityConfig | None = None) -> None:
+        self.sam = sam
+        self.config = config or EntityConfig()
+
+    def segment(self, image_rgb: np.ndarray) -> EntityResult:
+        """Segment every entity of one image.
+
+        Args:
+            image_rgb: (H, W, 3) uint8 RGB.
+
+        Returns:
+            The ``EntityResult``.
+
+        Raises:
+            InputError: the image is not (H, W, 3) uint8.
+        """
+        cfg, sam = self.config, self.sam
+        stats = EntityStats()
+        enc0, dec0 = sam.encoder_calls, sam.decoder_calls
+        t_start = time.perf_counter()
+        clock = _Clock(stats.seconds)
+
+        emb = sam.encode(image_rgb)
+        clock("encode")
+        sp = felzenszwalb_superpixels(image_rgb, scale=cfg.felzenszwalb_scale, sigma=cfg.felzenszwalb_sigma,
+                                      min_size=cfg.felzenszwalb_min_size)
+        centroids = superpixel_centroids(sp)
+        clock("superpixels")
+        hw = emb.original_size
+
+        # MMG (§2): main grid, all 3 outputs at full size, levels by area.
+        pts32 = point_grid(cfg.grid_points_per_side, hw)
+        masks32, scores32 = self._decode_full(emb, pts32)
+        order, best = levels_by_area(masks32, scores32)
+        rows = np.arange(len(pts32))
+        obj, obj_s = masks32[rows, order[:, 0]], scores32[rows, order[:, 0]]
+        bst = masks32[rows, best]
+        keep = mask_nms(obj, obj_s, iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)
+        stats.counts["objects_nms"] = len(keep)
+        ids = (keep, rows) if cfg.consistency_exclude_self else (None, None)
+        ok = consistency_filter(obj[keep], bst, gamma=cfg.consistency_iou, object_point_ids=ids[0],
+                                best_point_ids=ids[1])
+        keep = keep[ok]
+        cands, cand_s = obj[keep], obj_s[keep]
+        stats.counts["objects_kept"] = len(keep)
+        density = superpixel_density(sp, ref_area_px=cfg.density_ref_area_px)
+        parts = []
+        for level in (1, 2):
+            m, s = masks32[rows, order[:, level]], scores32[rows, order[:, level]]
+            parts.append(m[adaptive_nms(m, s, density, base_thresh=cfg.part_nms_base_iou,
+                                        reduce=cfg.density_reduce)])
+        parts_all = np.concatenate(parts)
+        stats.counts["parts"] = len(parts_all)
+        del masks32, obj, bst
+        gallery = self._decode_gallery(emb, point_grid(cfg.gallery_points_per_side, hw))
+        clock("mmg")
+
+        # EMR split (§3.1): guides only for gallery points on a shared pixel.
+        shared = cands.sum(axis=0) >= 2
+        g_idx = np.flatnonzero(_on(shared, gallery.points_xy))
+        o_g, b_g = self._gallery_masks(emb, gallery, g_idx)
+        guides = select_guides(o_g, gallery.scores[g_idx, 0], b_g, gallery.scores[g_idx, 1], tau=cfg.guide_tau)
+        split = split_overlaps(cands, cand_s, guide_masks=guides, guide_points_xy=gallery.points_xy[g_idx],
+                               delta=cfg.split_delta, same_guide_iou=cfg.same_guide_iou)
+        stats.counts["split"] = len(split)
+        # EMR merge (§3.2): Eq. 7 on encoder features at the superpixel centroids, Eq. 8 with the gallery.
+        feats = _sample_features(sam, emb, centroids)
+        sim = mask_similarity(feats, centroids_in_masks(centroids, split), top_k=cfg.merge_top_k)
+        sym = np.maximum(sim, sim.T)
+        np.fill_diagonal(sym, -np.inf)
+        involved = (sym >= cfg.merge_min_similarity).any(axis=1)
+        region = split[involved].any(axis=0) if involved.any() else np.zeros(hw, dtype=bool)
+        g_idx = np.flatnonzero(_on(region, gallery.points_xy))
+        o_g, b_g = self._gallery_masks(emb, gallery, g_idx)
+        gal = np.concatenate([o_g, b_g[~gallery.same[g_idx]]])
+        entities, ent_s, _ = merge_fragments(split, cand_s, sim, gal, min_similarity=cfg.merge_min_similarity,
+                                             require_adjacent=cfg.merge_require_adjacent,
+                                             cover_frac=cfg.merge_cover_frac, cover_iou=cfg.merge_cover_iou)
+        if len(entities) == 0:
+            entities, ent_s = np.zeros((0, *hw), dtype=bool), np.zeros(0)
+        stats.counts["merged"] = len(entities)
+        stats.covered_frac_emr = float(entities.any(axis=0).mean()) if len(entities) else 0.0
+        del gallery, o_g, b_g, gal, guides
+        clock("emr")
+
+        # USR (§4): prompts for uncovered superpixels, best output each, greedy cover, fusion.
+        dec_usr0 = sam.decoder_calls
+        regions = uncovered_regions(sp, entities, min_area_px=cfg.usr_min_region_px)
+        stats.counts["usr_prompts"] = len(regions)
+        if len(regions):
+            pts, _ = usr_prompt_points(regions, parts_all, contain_frac=cfg.usr_contain_frac)
+            new, new_s = self._decode_best(emb, pts)
+            chosen = greedy_cover(new, regions.any(axis=0), min_gain_px=cfg.usr_min_gain_px)
+            entities, ent_s, _ = fuse_new_masks(entities, ent_s, new[chosen], new_s[chosen], rho=cfg.fuse_rho,
+                                                only_uncovered=True)
+            stats.counts["usr_chosen"] = len(chosen)
+        else:
+            stats.counts["usr_chosen"] = 0
+        stats.decoder_calls_usr = sam.decoder_calls - dec_usr0
+
+        # Final map; masks read back from it so that mask i == (id_map == i + 1).
+        id_map = to_entity_map(entities, ent_s) if len(entities) else np.zeros(hw, dtype=np.uint16)
+        present = np.flatnonzero(np.bincount(id_map.ravel(), minlength=len(entities) + 1)[1:] > 0)
+        lut = np.zeros(len(entities) + 1, dtype=np.uint16)
+        lut[present + 1] = np.arange(1, len(present) + 1, dtype=np.uint16)
+        id_map = lut[id_map]
+        masks = id_map[None] == np.arange(1, len(present) + 1, dtype=np.uint16)[:, None, None]
+        scores = np.asarray(ent_s, dtype=np.float64)[present]
+        stats.covered_frac_usr = float((id_map > 0).mean())
+        stats.counts["final"] = len(masks)
+        clock("usr")
+        stats.seconds["total"] = time.perf_counter() - t_start
+        stats.encoder_calls = sam.encoder_calls - enc0
+        stats.decoder_calls = sam.decoder_calls - dec0
+        return EntityResult(masks=masks, scores=scores, id_map=id_map, stats=stats)
+
+    # --- decoding ------------------------------------------------------------------------------------------------
+
+    def _decode_full(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, H, W) bool masks and (N, 3) float64 scores of all 3 outputs per point."""
+        h, w = emb.original_size
+        masks = np.zeros((len(points_xy), 3, h, w), dtype=bool)
+        scores = np.zeros((len(points_xy), 3))
+        for c in self.sam.decode_points_multimask(emb, points_xy, chunk=self.config.decoder_chunk):
+            lr = c.low_res_logits
+            masks[c.indices] = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(lr), 3, h, w)
+            scores[c.indices] = c.iou_scores
+        return masks, scores
+
+    def _decode_gallery(self, emb: ImageEmbedding, points_xy: np.ndarray) -> _Gallery:
+        """Per point the O and B low-res logits; the 3 outputs are upsampled one chunk at a time to rank areas."""
+        n = len(points_xy)
+        gal: _Gallery | None = None
+        scores, same = np.zeros((n, 2)), np.zeros(n, dtype=bool)
+        for c in self.sam.decode_points_multimask(emb, points_xy, chunk=self.config.decoder_chunk):
+            lr = c.low_res_logits
+            if gal is None:
+                gal = _Gallery(points_xy, np.zeros((n, 2, *lr.shape[2:]), dtype=np.float16), scores, same)
+            full = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:]))
+            order, best = levels_by_area(full.reshape(len(lr), 3, *full.shape[1:]), c.iou_scores)
+            r = np.arange(len(lr))
+            gal.logits[c.indices, 0] = lr[r, order[:, 0]]
+            gal.logits[c.indices, 1] = lr[r, best]
+            scores[c.indices, 0] = c.iou_scores[r, order[:, 0]]
+            scores[c.indices, 1] = c.iou_scores[r, best]
+            same[c.indices] = order[:, 0] == best
+        if gal is None:
+            g = tuple(self.sam.sam.prompt_encoder.mask_input_size)
+            gal = _Gallery(points_xy, np.zeros((0, 2, *g), dtype=np.float16), scores, same)
+        return gal
+
+    def _gallery_masks(self, emb: ImageEmbedding, gallery: _Gallery, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full-size O and B masks, (n, H, W) bool each, of the gallery points ``idx``."""
+        lr = gallery.logits[idx].astype(np.float32)
+        full = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(idx), 2, *emb.original_size)
+        return full[:, 0], full[:, 1]
+
+    def _decode_best(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SAM's highest-scoring output per point: (N, H, W) bool and (N,) float64."""
+        masks = np.zeros((len(points_xy), *emb.original_size), dtype=bool)
+        scores = np.zeros(len(points_xy))
+        for c in self.sam.decode_points_multimask(emb, points_xy, chunk=self.config.decoder_chunk):
+            best = c.iou_scores.argmax(axis=1)
+            r = np.arange(len(best))
+            masks[c.indices] = self.sam.upsample(emb, c.low_res_logits[r, best])
+            scores[c.indices] = c.iou_scores[r, best]
+        return masks, scores
+
+
+class _Clock:
+    """Adds the seconds since the previous call to ``seconds[stage]``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def _on(mask: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
+    """(N,) bool: the pixel (floor(y), floor(x)) of each point is in the (H, W) mask."""
+    cols = np.clip(np.floor(points_xy[:, 0]).astype(np.int64), 0, mask.shape[1] - 1)
+    rows = np.clip(np.floor(points_xy[:, 1]).astype(np.int64), 0, mask.shape[0] - 1)
+    return mask[rows, cols]
+
+
+def _sample_features(sam: SamTeacher, emb: ImageEmbedding, points_xy: np.ndarray) -> np.ndarray:
+    """(K, C) float64 encoder features, bilinear at image xy mapped into SAM's padded square input frame."""
+    if len(points_xy) == 0:
+        return np.zeros((0, emb.features.shape[1]))
+    xy_in = sam.transform.apply_coords(np.asarray(points_xy, dtype=np.float64), emb.original_size)
+    grid = torch.as_tensor(2.0 * xy_in / sam.image_size - 1.0, dtype=torch.float32, device=emb.features.device)
+    with torch.inference_mode():
+        f = torch.nn.functional.grid_sample(emb.features.float(), grid[None, :, None, :], mode="bilinear",
+                                            padding_mode="border", align_corners=False)
+    return f[0, :, :, 0].T.cpu().numpy().astype(np.float64)
+

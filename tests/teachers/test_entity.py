@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from omnilabel.data.synthetic import render_scene
+from omnilabel.errors import InputError
+from omnilabel.models.sam_loader import load_sam
+from omnilabel.teachers.entity import EntityConfig, EntitySegmenter
+from omnilabel.teachers.sam import SamTeacher
+
+# Small grids so that the tiny SAM runs in seconds on CPU; 25 and 100 points are not multiples of the chunk.
+CONFIG = EntityConfig(grid_points_per_side=5, gallery_points_per_side=10, decoder_chunk=16)
+SCENES = [(0, (96, 96)), (1, (80, 112))]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_sam_path):
+    return SamTeacher(load_sam(tiny_sam_path))
+
+
+@pytest.fixture(scope="module")
+def runs(teacher):
+    """(image, result, teacher encoder calls during segment) per scene."""
+    out = []
+    seg = EntitySegmenter(teacher, CONFIG)
+    for seed, size_hw in SCENES:
+        image, _ = render_scene(np.random.default_rng(seed), size_hw=size_hw, max_objects=4)
+        before = teacher.encoder_calls
+        result = seg.segment(image)
+        out.append((image, result, teacher.encoder_calls - before))
+    return out
+
+
+def test_masks_are_disjoint_and_match_the_id_map(runs):
+    for image, r, _ in runs:
+        n = len(r.masks)
+        assert r.masks.dtype == bool and r.masks.shape == (n, *image.shape[:2])
+        assert r.scores.shape == (n,) and np.isfinite(r.scores).all()
+        assert r.id_map.dtype == np.uint16 and r.id_map.shape == image.shape[:2]
+        assert (r.masks.sum(axis=0) <= 1).all()
+        assert set(np.unique(r.id_map)) - {0} == set(range(1, n + 1))
+        for i in range(n):
+            np.testing.assert_array_equal(r.masks[i], r.id_map == i + 1)
+            assert r.masks[i].any()
+
+
+def test_usr_raises_the_covered_share(runs):
+    gains = []
+    for _, r, _ in runs:
+        s = r.stats
+        assert 0.0 <= s.covered_frac_emr <= s.covered_frac_usr <= 1.0
+        assert s.covered_frac_usr == pytest.approx(float((r.id_map > 0).mean()))
+        gains.append(s.covered_frac_usr - s.covered_frac_emr)
+    assert max(gains) > 0
+
+
+def test_image_is_encoded_once(runs):
+    for _, r, encoder_calls in runs:
+        assert r.stats.encoder_calls == encoder_calls == 1
+
+
+def test_decoder_calls_are_the_grid_chunks_plus_usr(runs):
+    c = CONFIG
+    grids = math.ceil(c.grid_points_per_side**2 / c.decoder_chunk) + math.ceil(
+        c.gallery_points_per_side**2 / c.decoder_chunk)
+    for _, r, _ in runs:
+        prompts = r.stats.counts["usr_prompts"]
+        assert r.stats.decoder_calls_usr == math.ceil(prompts / c.decoder_chunk)
+        assert r.stats.decoder_calls == grids + r.stats.decoder_calls_usr
+
+
+def test_stats_time_every_stage(runs):
+    for _, r, _ in runs:
+        assert {"encode", "superpixels", "mmg", "emr", "usr", "total"} <= set(r.stats.seconds)
+        assert all(v >= 0 for v in r.stats.seconds.values())
+
+
+def test_gallery_is_kept_as_low_res_object_and_best_logits(teacher):
+    seg = EntitySegmenter(teacher, CONFIG)
+    image, _ = render_scene(np.random.default_rng(0), size_hw=(96, 96), max_objects=4)
+    emb = teacher.encode(image)
+    pts = np.array([[10.5, 20.5], [50.0, 60.0], [90.0, 5.0]])
+    gal = seg._decode_gallery(emb, pts)
+    g = tuple(teacher.sam.prompt_encoder.mask_input_size)
+    assert gal.logits.shape == (3, 2, *g) and gal.logits.dtype == np.float16
+    chunk = next(teacher.decode_points_multimask(emb, pts))
+    full = teacher.upsample(emb, chunk.low_res_logits.reshape(-1, *g)).reshape(3, 3, 96, 96)
+    areas = full.sum(axis=(2, 3))
+    rows = np.arange(3)
+    np.testing.assert_allclose(gal.scores[:, 0], chunk.iou_scores[rows, areas.argmax(axis=1)], rtol=1e-6)
+    np.testing.assert_allclose(gal.scores[:, 1], chunk.iou_scores.max(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"grid_points_per_side": 0}, {"decoder_chunk": 0}, {"object_nms_iou": 1.5},
+                                 {"fuse_rho": -0.1}])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(InputError):
+        EntityConfig(**bad)
+
