@@ -267,12 +267,26 @@ def max_uncertainty(annotations: Iterable[dict[str, Any]], map_paths: dict[int, 
         path = map_paths.get(ann.get("id"))
         if path is None:
             continue
-        try:
-            umap = read_uncertainty_map(path)
-        except InputError as e:
-            raise InputError(f"annotation id={ann['id']}: {e}") from None
-        if umap.size_hw != tuple(size_hw):
-            raise InputError(f"annotation id={ann['id']}: {path}: uncertainty map of height x width "
-                             f"{umap.size_hw[0]}x{umap.size_hw[1]}, expected the image's {size_hw[0]}x{size_hw[1]}")
-        peak = umap.values if peak is None else np.maximum(peak, umap.values)
+        values = read_annotation_map(ann["id"], path, size_hw)
+        peak = values if peak is None else np.maximum(peak, values)
     return peak
+
+
+def read_annotation_map(annotation_id: Any, path: str | Path, size_hw: tuple[int, int]) -> np.ndarray:
+    """The uncertainty map of one annotation, which must have its image's size.
+
+    Returns:
+        (H, W) float32 in [0, 1] (read-only).
+
+    Raises:
+        InputError: naming the annotation id and the file: the map is unreadable, out of range, or of another
+            size than the image.
+    """
+    try:
+        umap = read_uncertainty_map(path)
+    except InputError as e:
+        raise InputError(f"annotation id={annotation_id}: {e}") from None
+    if umap.size_hw != tuple(size_hw):
+        raise InputError(f"annotation id={annotation_id}: {path}: uncertainty map of height x width "
+                         f"{umap.size_hw[0]}x{umap.size_hw[1]}, expected the image's {size_hw[0]}x{size_hw[1]}")
+    return umap.values

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from omnilabel.data.coco import annotations_by_image, resolve_image_path
 from omnilabel.data.images import read_image_rgb
-from omnilabel.data.maps import read_uncertainty_map
+from omnilabel.data.maps import read_annotation_map
 from omnilabel.errors import InputError
 from omnilabel.ops.masks import rle_to_masks
 
@@ -169,14 +169,7 @@ def read_certainty(uncertainty_maps: Sequence[tuple[int, str] | None], size_hw: 
         if ref is None:
             continue
         ann_id, path = ref
-        try:
-            umap = read_uncertainty_map(path)
-        except InputError as e:
-            raise InputError(f"annotation id={ann_id}: {e}") from None
-        if umap.size_hw != tuple(size_hw):
-            raise InputError(f"annotation id={ann_id}: {path}: uncertainty map of height x width "
-                             f"{umap.size_hw[0]}x{umap.size_hw[1]}, expected its image's {size_hw[0]}x{size_hw[1]}")
-        certainty[i] = 1.0 - umap.values
+        certainty[i] = 1.0 - read_annotation_map(ann_id, path, size_hw)
     return certainty
 
 

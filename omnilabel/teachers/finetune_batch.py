@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from omnilabel.errors import InputError
 from omnilabel.ops.boxes import jitter_boxes_xyxy
 from omnilabel.teachers.finetune_data import (
     EmbeddingCache,
@@ -40,16 +39,9 @@ def _read_u(inst: TrainInstance, shape: tuple[int, ...]) -> np.ndarray:
     Raises:
         InputError: unreadable, or another size (naming the annotation).
     """
-    from omnilabel.data.maps import read_uncertainty_map
+    from omnilabel.data.maps import read_annotation_map
 
-    try:
-        u = read_uncertainty_map(str(inst.uncertainty)).values
-    except InputError as e:
-        raise InputError(f"annotation id={inst.annotation_id}: {e}") from None
-    if u.shape != tuple(shape):
-        raise InputError(f"annotation id={inst.annotation_id}: uncertainty map {inst.uncertainty} is "
-                         f"{u.shape[0]}x{u.shape[1]}, its mask {shape[0]}x{shape[1]}")
-    return u
+    return read_annotation_map(inst.annotation_id, str(inst.uncertainty), (int(shape[0]), int(shape[1])))
 
 
 class Batcher:
