@@ -75,22 +75,6 @@ def _pair_point(mask: np.ndarray, seed: int, instance: int) -> np.ndarray:
     return np.array([xs[k] + 0.5, ys[k] + 0.5])
 
 
-def _multimask(sam: Sam, emb: ImageEmbedding, transform: object, points_xy: np.ndarray,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's 3 multimask outputs of one positive click each: low-res logits (N, 3, 4g, 4g), full-size logits
-    (N, 3, H, W)."""
-    xy = transform.apply_coords(points_xy, emb.original_size)  # type: ignore[attr-defined]
-    pts = torch.as_tensor(xy, dtype=torch.float32, device=device)[:, None]
-    labels = torch.ones((len(xy), 1), dtype=torch.int, device=device)
-    with torch.inference_mode():
-        sparse, dense = sam.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
-        low, _ = sam.mask_decoder(image_embeddings=emb.features.to(device, torch.float32),
-                                  image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-                                  dense_prompt_embeddings=dense, multimask_output=True)
-        full = sam.postprocess_masks(low.float(), emb.input_size, emb.original_size)
-    return low.float(), full
-
-
 def build_refine_pairs(sam: Sam, cache: EmbeddingCache, images: Sequence[TrainImage],
                        instances: Sequence[TrainInstance], *, pair_dir: str | Path, seed: int, rank: int = 0,
                        world_size: int = 1, device: str = "cpu") -> int:
@@ -110,15 +94,12 @@ def build_refine_pairs(sam: Sam, cache: EmbeddingCache, images: Sequence[TrainIm
     Returns:
         How many images this rank computed.
     """
-    from segment_anything.utils.transforms import ResizeLongestSide
-
     from omnilabel.teachers.finetune_data import decode_mask
-    from omnilabel.teachers.sam import ImageEmbedding
+    from omnilabel.teachers.sam import ImageEmbedding, SamTeacher
 
     pair_dir = Path(pair_dir)
     pair_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    transform = ResizeLongestSide(int(sam.image_encoder.img_size))
+    teacher = SamTeacher(sam, device=device)
     by_image: dict[int, list[int]] = {}
     for k, inst in enumerate(instances):
         by_image.setdefault(inst.image_index, []).append(k)
@@ -128,12 +109,13 @@ def build_refine_pairs(sam: Sam, cache: EmbeddingCache, images: Sequence[TrainIm
         if i % world_size != rank or path.is_file():
             continue
         features, input_size, original_size = cache.load(im.image_id)
-        emb = ImageEmbedding(features[None], tuple(original_size), tuple(input_size))  # type: ignore[arg-type]
+        emb = ImageEmbedding(features[None].to(teacher.device, torch.float32), tuple(original_size),  # type: ignore[arg-type]
+                             tuple(input_size))
         index = by_image.get(i, [])
         gts = np.stack([decode_mask(instances[k]) for k in index])
         points = np.stack([_pair_point(gt, seed, k) for gt, k in zip(gts, index, strict=True)])
-        low, full = _multimask(sam, emb, transform, points, dev)
-        pred = (full > 0).cpu().numpy()
+        low = np.concatenate([c.low_res_logits for c in teacher.decode_points_multimask(emb, points)])
+        pred = teacher.upsample(emb, low.reshape(-1, *low.shape[2:])).reshape(len(index), 3, *gts.shape[1:])
         gt_b = gts[:, None]
         inter = (pred & gt_b).reshape(len(index), 3, -1).sum(-1)
         union = (pred | gt_b).reshape(len(index), 3, -1).sum(-1)
@@ -143,7 +125,7 @@ def build_refine_pairs(sam: Sam, cache: EmbeddingCache, images: Sequence[TrainIm
         chosen = pred[rows, best]
         save_torch_atomic({
             "index": torch.as_tensor(index, dtype=torch.int64),
-            "logits": low[torch.as_tensor(rows), torch.as_tensor(best, device=low.device)].cpu().contiguous(),
+            "logits": torch.from_numpy(np.ascontiguousarray(low[rows, best])),
             "point": torch.as_tensor(points, dtype=torch.float64),
             "box": torch.as_tensor(masks_to_prompt_boxes_xyxy(chosen), dtype=torch.float64),
             "iou": torch.as_tensor(ious[rows, best], dtype=torch.float64)}, path)
