@@ -224,6 +224,7 @@ class PseudomaskPipeline:
         self.teachers = teachers
         self.categories = dict(categories)
         self.config = config or PipelineConfig()
+        self.scorer = None if teachers.refiner is None else UncertaintyScorer(teachers.refiner)
 
     def plan(self, annotations: Sequence[Mapping[str, Any]]) -> ImagePlan:
         """The plan of one image on its own (a job plans every image once, with ``plan_weak``).
@@ -403,9 +404,9 @@ class PseudomaskPipeline:
             result.counts["empty"] += int((~keep).sum())
             kept = part[keep]
             scores: list[tuple[np.ndarray, float]] = []
-            if self.teachers.refiner is not None and len(kept.inst):
+            if self.scorer is not None and len(kept.inst):
                 t0 = time.perf_counter()
-                scores = UncertaintyScorer(self.teachers.refiner).score(emb, kept.logits, kept.points)
+                scores = self.scorer.score(emb, kept.logits, kept.points)
                 result.seconds["uncertainty"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             more = [{"omnilabel": self._meta(e, int(wid))} | ({"iscrowd": 1} if crowd else {})
