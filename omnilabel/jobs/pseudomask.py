@@ -33,6 +33,7 @@ from omnilabel.teachers.loading import (
     load_teachers,
     model_id,
     model_refs,
+    model_source,
     refiner_mismatch,
     resolve_refs,
 )
@@ -199,14 +200,11 @@ def recorded_teachers(spec: TeacherSpec) -> dict[str, Any]:
     """What a pseudomask file records of the SAMs that made it, for ``omnilabel uncertainty`` to load them
     again: the base SAM (a name, or an absolute path), each teacher file (absolute), CLIP, and the multimask
     rule. Their sha256s are in ``info.omnilabel.models``."""
-    def absolute(name: str | None) -> str | None:
-        if name is None:
-            return None
-        p = Path(name).expanduser()
-        return str(p.resolve()) if p.exists() else name
+    def recorded(name: str | None) -> str | None:
+        return None if name is None else model_source(name)
 
-    roles = {role: absolute(path) for role, path in spec.teacher_files().items() if role != "refiner"}
-    return {"sam": absolute(spec.sam), **roles, "clip": absolute(spec.clip),
+    roles = {role: recorded(path) for role, path in spec.teacher_files().items() if role != "refiner"}
+    return {"sam": recorded(spec.sam), **roles, "clip": recorded(spec.clip),
             "multimask_single_point": spec.multimask_single_point}
 
 

@@ -56,24 +56,18 @@ class TeacherRecipe:
     unlabeled: str | None = None
 
 
-def _source(name_or_path: str) -> str:
-    """A registry name as is; a path made absolute (recorded in the teacher file)."""
-    p = Path(name_or_path).expanduser()
-    return str(p.resolve()) if p.exists() else name_or_path
-
-
 def _clip_record(clip: str, clip_arch: str | None, device: str, names: list[str]) -> tuple[Any, dict[str, Any]]:
     """CLIP text embeddings of the class names, and what the teacher file records about that CLIP."""
     from omnilabel.models.registry import REGISTRY
     from omnilabel.teachers.clip_text import ClipTextEncoder
-    from omnilabel.teachers.loading import model_id
+    from omnilabel.teachers.loading import model_id, model_source
     from omnilabel.teachers.teacher_ckpt import state_dict_sha256
 
     spec = REGISTRY.get(clip)
     model_name = clip_arch or (spec.architecture if spec is not None and spec.kind == "clip" else "ViT-B-32")
     encoder = ClipTextEncoder.from_pretrained(clip, model_name=model_name, device=device)
     table = encoder.encode(names)
-    record = {"id": model_id(clip), "source": _source(clip), "model_name": model_name, "width": int(encoder.width),
+    record = {"id": model_id(clip), "source": model_source(clip), "model_name": model_name, "width": int(encoder.width),
               "sha256": state_dict_sha256(encoder.model.state_dict())}
     return table, record
 
@@ -149,7 +143,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
 
     from omnilabel.models.registry import resolve
     from omnilabel.models.sam_loader import load_sam
-    from omnilabel.teachers.loading import DEFAULT_SAM, model_id
+    from omnilabel.teachers.loading import DEFAULT_SAM, model_id, model_source
     from omnilabel.teachers.teacher_ckpt import file_size_mb, state_dict_sha256
 
     start, start_sha = _start_teacher(config.teacher)
@@ -176,7 +170,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                 "unlabeled_sha256": None if config.unlabeled is None else file_sha256(config.unlabeled),
                 "clip_sha256": clip_rec["sha256"] if clip_rec else None, "config": recipe.to_dict()}
     _open_run(paths, manifest, resume=job.resume, overwrite=job.overwrite)
-    base_id, base_source = model_id(sam_name), _source(sam_name)
+    base_id, base_source = model_id(sam_name), model_source(sam_name)
     if start is not None and config.sam is None:
         base_id, base_source = str(start.meta["base"]["id"]), start.base_source
     setup = FinetuneSetup(config=recipe, base_path=None if base_path is None else str(base_path), base_id=base_id,

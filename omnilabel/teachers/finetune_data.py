@@ -94,6 +94,12 @@ class TrainInstance:
     uncertainty: str | None = None
 
 
+def _missing_images(missing: list[str], which: str) -> InputError:
+    """The error for image files that are not there, listing the first 20."""
+    return InputError(f"{len(missing)} image(s) {which} are missing (is --images right?)",
+                      missing[:20] + ([f"... and {len(missing) - 20} more"] if len(missing) > 20 else []))
+
+
 def _plain_rle(segmentation: Any, image: dict[str, Any]) -> dict[str, Any] | None:
     """A segmentation as compressed RLE with ``counts`` as str (it pickles and prints), None when empty."""
     rle = segmentation_to_rle(segmentation, int(image["height"]), int(image["width"]))
@@ -149,8 +155,7 @@ def collect_training_set(data: dict[str, Any], images_dir: str | Path, *, allow_
         images.append(TrainImage(int(im["id"]), str(path), int(im["height"]), int(im["width"])))
         instances.extend(TrainInstance(index, a.annotation_id, a.category_id, a.rle) for a in anns)
     if missing:
-        raise InputError(f"{len(missing)} image(s) to train on are missing (is --images right?)",
-                         missing[:20] + ([f"... and {len(missing) - 20} more"] if len(missing) > 20 else []))
+        raise _missing_images(missing, "to train on")
     if not instances:
         raise InputError(f"{source}: no annotation carries a (non-crowd, non-empty) segmentation; "
                          "finetune-teacher trains on the fully annotated images")
@@ -211,8 +216,7 @@ def collect_unlabeled(data: dict[str, Any], images_dir: str | Path, images: list
             continue
         out.append(TrainInstance(i, int(ann["id"]), int(ann["category_id"]), rle, str(maps[int(ann["id"])])))
     if missing:
-        raise InputError(f"{len(missing)} image(s) of the unlabelled file are missing (is --images right?)",
-                         missing[:20] + ([f"... and {len(missing) - 20} more"] if len(missing) > 20 else []))
+        raise _missing_images(missing, "of the unlabelled file")
     return out
 
 

@@ -98,6 +98,12 @@ class TeacherSpec:
         return dataclasses.replace(self, sam=read_teacher(next(iter(files.values()))).base_source)
 
 
+def model_source(name_or_path: str) -> str:
+    """How a model is recorded to be found again: a registry name as is, a path made absolute."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
 def model_id(name_or_path: str) -> str:
     """How a model is named in outputs: the registry name, or the file or folder name of a path."""
     p = Path(name_or_path)
