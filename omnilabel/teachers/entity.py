@@ -9,10 +9,13 @@ Glue choices the paper does not make ([ours]):
 - Confidence s of every mask is SAM's predicted IoU (§7.3.1); no AMG pre-filter (pred-IoU / stability) runs
   before the level split, so each point keeps its 3 outputs and the area order is defined (§7.3.2).
 - Part and subpart masks go through adaptive NMS separately, each level against itself (§7.3.6).
-- Memory of the 64-grid gallery: per decoder chunk the 3 outputs are upsampled once to rank them by area
-  (``levels_by_area``), then only the low-res logits of each point's object (O) and best (B) output are kept, as
-  float16 (2 x G x (4g)² values, 1 GiB for G = 4096 and an official SAM; never G x 3 x H x W masks). Full-size
-  gallery masks are upsampled again per use, and only for the points a step can use:
+- Memory: no grid is ever held as full-size masks. Each decoder chunk's 3 outputs are ranked by area on the
+  decoder's low-res masks (``SamTeacher.lowres_masks``: 4g x 4g logits > 0, padding cropped; 256 x 256 for an
+  official SAM, where SAM decides its masks) and kept as float16 logits: the 32-grid's 3 levels (3 x 1024 x
+  (4g)², 0.4 GiB for an official SAM) and the 64-grid gallery's object (O) and best (B) outputs (2 x 4096 x
+  (4g)², 1 GiB). MMG (object NMS, the best-map check, adaptive NMS with the density map averaged down to that
+  grid) runs at that resolution; only the surviving objects and parts are upsampled to the image size. Full-size
+  gallery masks are upsampled per use, and only for the points a step can use:
   - split (§3.1): the points lying on a pixel that two or more object candidates share. ``split_overlaps`` only
     reads guides at points inside an overlap, and overlaps only shrink, so the result equals the full gallery's;
   - merge (§3.2): the points lying inside a fragment of some candidate pair (S_M ≥ threshold either way). A SAM
@@ -177,13 +180,23 @@ class EntityResult:
 
 
 @dataclass
-class _Gallery:
-    """The 64-grid gallery, low-res: per point the O and B logits (G, 2, 4g, 4g) float16 and their scores."""
+class _Ranked:
+    """A grid's outputs ranked by area at the decoder's resolution, kept as low-res logits.
+
+    ``levels=True`` (the MMG grid): logits (N, 3, 4g, 4g) float16 in level order O, P, SP; ``best`` (N,) the level
+    of the highest-scoring output. ``levels=False`` (the gallery): logits (N, 2, 4g, 4g), the object (O) and best
+    (B) outputs; ``best`` is 0 where B is O, else 1. ``scores`` matches ``logits``' first two dimensions.
+    """
 
     points_xy: np.ndarray
     logits: np.ndarray
-    scores: np.ndarray  # (G, 2) float64: S^64O, S^64B
-    same: np.ndarray  # (G,) bool: B is O
+    scores: np.ndarray
+    best: np.ndarray
+    lowres_hw: tuple[int, int]
+
+    @property
+    def same(self) -> np.ndarray:
+        return self.best == 0
 
 
 class EntitySegmenter:
@@ -224,31 +237,32 @@ class EntitySegmenter:
         clock("superpixels")
         hw = emb.original_size
 
-        # MMG (§2): main grid, all 3 outputs at full size, levels by area.
-        pts32 = point_grid(cfg.grid_points_per_side, hw)
-        masks32, scores32 = self._decode_full(emb, pts32)
-        order, best = levels_by_area(masks32, scores32)
-        rows = np.arange(len(pts32))
-        obj, obj_s = masks32[rows, order[:, 0]], scores32[rows, order[:, 0]]
-        bst = masks32[rows, best]
-        keep = mask_nms(obj, obj_s, iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)
+        # MMG (§2) on the decoder's low-res masks; full size only for the objects and parts that survive.
+        main = self._decode_ranked(emb, point_grid(cfg.grid_points_per_side, hw), levels=True)
+        rows = np.arange(len(main.points_xy))
+        obj_lr = sam.lowres_masks(emb, main.logits[:, 0])
+        obj_s = main.scores[:, 0]
+        keep = mask_nms(obj_lr, obj_s, iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)
         stats.counts["objects_nms"] = len(keep)
         ids = (keep, rows) if cfg.consistency_exclude_self else (None, None)
-        ok = consistency_filter(obj[keep], bst, gamma=cfg.consistency_iou, object_point_ids=ids[0],
-                                best_point_ids=ids[1])
+        ok = consistency_filter(obj_lr[keep], sam.lowres_masks(emb, main.logits[rows, main.best]), gamma=cfg.consistency_iou,
+                                object_point_ids=ids[0], best_point_ids=ids[1])
         keep = keep[ok]
-        cands, cand_s = obj[keep], obj_s[keep]
-        stats.counts["objects_kept"] = len(keep)
-        density = superpixel_density(sp, ref_area_px=cfg.density_ref_area_px)
-        parts = []
+        del obj_lr
+        cands, cand_s = _nonempty(sam.upsample(emb, main.logits[keep, 0].astype(np.float32)), obj_s[keep])
+        stats.counts["objects_kept"] = len(cands)
+        density = _area_resize(superpixel_density(sp, ref_area_px=cfg.density_ref_area_px), main.lowres_hw)
+        part_logits = []
         for level in (1, 2):
-            m, s = masks32[rows, order[:, level]], scores32[rows, order[:, level]]
-            parts.append(m[adaptive_nms(m, s, density, base_thresh=cfg.part_nms_base_iou,
-                                        reduce=cfg.density_reduce)])
-        parts_all = np.concatenate(parts)
+            m = sam.lowres_masks(emb, main.logits[:, level])
+            k = adaptive_nms(m, main.scores[:, level], density, base_thresh=cfg.part_nms_base_iou,
+                             reduce=cfg.density_reduce)
+            part_logits.append(main.logits[k, level])
+        parts_all, _ = _nonempty(sam.upsample(emb, np.concatenate(part_logits).astype(np.float32)),
+                                 np.zeros(sum(map(len, part_logits))))
         stats.counts["parts"] = len(parts_all)
-        del masks32, obj, bst
-        gallery = self._decode_gallery(emb, point_grid(cfg.gallery_points_per_side, hw))
+        del main, part_logits
+        gallery = self._decode_ranked(emb, point_grid(cfg.gallery_points_per_side, hw), levels=False)
         clock("mmg")
 
         # EMR split (§3.1): guides only for gallery points on a shared pixel.
@@ -312,40 +326,29 @@ class EntitySegmenter:
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
-    def _decode_full(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, H, W) bool masks and (N, 3) float64 scores of all 3 outputs per point."""
-        h, w = emb.original_size
-        masks = np.zeros((len(points_xy), 3, h, w), dtype=bool)
-        scores = np.zeros((len(points_xy), 3))
+    def _decode_ranked(self, emb: ImageEmbedding, points_xy: np.ndarray, *, levels: bool) -> _Ranked:
+        """Decode a grid chunk by chunk; rank each point's 3 outputs by low-res area (``levels_by_area``) and keep
+        their logits as float16 (see ``_Ranked``); no full-size mask is made here."""
+        n, k = len(points_xy), 3 if levels else 2
+        g = tuple(self.sam.sam.prompt_encoder.mask_input_size)
+        logits = np.zeros((n, k, *g), dtype=np.float16)
+        scores, best = np.zeros((n, k)), np.zeros(n, dtype=np.int64)
+        hw = self.sam.lowres_masks(emb, np.zeros((1, *g), dtype=np.float32)).shape[1:]
         for c in self.sam.decode_points_multimask(emb, points_xy, chunk=self.config.decoder_chunk):
             lr = c.low_res_logits
-            masks[c.indices] = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(lr), 3, h, w)
-            scores[c.indices] = c.iou_scores
-        return masks, scores
+            order, b = levels_by_area(self.sam.lowres_masks(emb, lr), c.iou_scores)
+            r = np.arange(len(lr))[:, None]
+            if levels:
+                cols = order
+                best[c.indices] = np.argmax(order == b[:, None], axis=1)
+            else:
+                cols = np.stack([order[:, 0], b], axis=1)
+                best[c.indices] = (order[:, 0] != b).astype(np.int64)
+            logits[c.indices] = lr[r, cols]
+            scores[c.indices] = c.iou_scores[r, cols]
+        return _Ranked(np.asarray(points_xy), logits, scores, best, (int(hw[0]), int(hw[1])))
 
-    def _decode_gallery(self, emb: ImageEmbedding, points_xy: np.ndarray) -> _Gallery:
-        """Per point the O and B low-res logits; the 3 outputs are upsampled one chunk at a time to rank areas."""
-        n = len(points_xy)
-        gal: _Gallery | None = None
-        scores, same = np.zeros((n, 2)), np.zeros(n, dtype=bool)
-        for c in self.sam.decode_points_multimask(emb, points_xy, chunk=self.config.decoder_chunk):
-            lr = c.low_res_logits
-            if gal is None:
-                gal = _Gallery(points_xy, np.zeros((n, 2, *lr.shape[2:]), dtype=np.float16), scores, same)
-            full = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:]))
-            order, best = levels_by_area(full.reshape(len(lr), 3, *full.shape[1:]), c.iou_scores)
-            r = np.arange(len(lr))
-            gal.logits[c.indices, 0] = lr[r, order[:, 0]]
-            gal.logits[c.indices, 1] = lr[r, best]
-            scores[c.indices, 0] = c.iou_scores[r, order[:, 0]]
-            scores[c.indices, 1] = c.iou_scores[r, best]
-            same[c.indices] = order[:, 0] == best
-        if gal is None:
-            g = tuple(self.sam.sam.prompt_encoder.mask_input_size)
-            gal = _Gallery(points_xy, np.zeros((0, 2, *g), dtype=np.float16), scores, same)
-        return gal
-
-    def _gallery_masks(self, emb: ImageEmbedding, gallery: _Gallery, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gallery_masks(self, emb: ImageEmbedding, gallery: _Ranked, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full-size O and B masks, (n, H, W) bool each, of the gallery points ``idx``."""
         lr = gallery.logits[idx].astype(np.float32)
         full = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(idx), 2, *emb.original_size)
@@ -373,6 +376,18 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
         self.last = now
+
+
+def _nonempty(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the masks a full-size upsampling left empty (a low-res mask of a few pixels can vanish)."""
+    keep = masks.any(axis=(1, 2))
+    return masks[keep], scores[keep]
+
+
+def _area_resize(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) float map averaged down to the low-res mask grid (h, w) (area interpolation)."""
+    t = torch.as_tensor(values, dtype=torch.float64)[None, None]
+    return torch.nn.functional.interpolate(t, size=hw, mode="area")[0, 0].numpy()
 
 
 def _on(mask: np.ndarray, points_xy: np.ndarray) -> np.ndarray:

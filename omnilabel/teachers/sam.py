@@ -412,6 +412,28 @@ class SamTeacher:
                 out[start : start + step] = (full[:, 0] > self.config.mask_threshold).cpu().numpy()
         return out
 
+    def lowres_masks(self, emb: ImageEmbedding, low_res_logits: np.ndarray) -> np.ndarray:
+        """Masks at the decoder's own resolution: logit > ``config.mask_threshold`` on the part of the 4g x 4g grid
+        that covers the image (the square input's padding cropped off), ~1/16 of the pixels of a 1024 image.
+
+        Args:
+            emb: the ``ImageEmbedding`` the logits were decoded from.
+            low_res_logits: (..., 4g, 4g) float logits.
+
+        Returns:
+            (..., h, w) bool with h = ceil(h' * 4g / image_size), w likewise (h', w' = ``emb.input_size``).
+
+        Raises:
+            InputError: the last two dimensions are not (4g, 4g).
+        """
+        grid = tuple(self.sam.prompt_encoder.mask_input_size)
+        lr = np.asarray(low_res_logits)
+        if lr.ndim < 2 or tuple(lr.shape[-2:]) != grid:
+            raise InputError(f"low_res_logits: expected shape (..., {grid[0]}, {grid[1]}), got {lr.shape}")
+        h = -(-emb.input_size[0] * grid[0] // self.image_size)
+        w = -(-emb.input_size[1] * grid[1] // self.image_size)
+        return lr[..., :h, :w] > self.config.mask_threshold
+
     def _check_prompts(
         self, points_xy: Any, boxes_xyxy: Any, mask_logits: Any, emb: ImageEmbedding
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:

@@ -78,20 +78,40 @@ def test_stats_time_every_stage(runs):
         assert all(v >= 0 for v in r.stats.seconds.values())
 
 
-def test_gallery_is_kept_as_low_res_object_and_best_logits(teacher):
+@pytest.mark.parametrize("levels", [True, False])
+def test_grids_are_kept_as_low_res_logits_ranked_by_area(teacher, levels):
     seg = EntitySegmenter(teacher, CONFIG)
     image, _ = render_scene(np.random.default_rng(0), size_hw=(96, 96), max_objects=4)
     emb = teacher.encode(image)
     pts = np.array([[10.5, 20.5], [50.0, 60.0], [90.0, 5.0]])
-    gal = seg._decode_gallery(emb, pts)
+    ranked = seg._decode_ranked(emb, pts, levels=levels)
     g = tuple(teacher.sam.prompt_encoder.mask_input_size)
-    assert gal.logits.shape == (3, 2, *g) and gal.logits.dtype == np.float16
+    assert ranked.logits.shape == (3, 3 if levels else 2, *g) and ranked.logits.dtype == np.float16
     chunk = next(teacher.decode_points_multimask(emb, pts))
-    full = teacher.upsample(emb, chunk.low_res_logits.reshape(-1, *g)).reshape(3, 3, 96, 96)
-    areas = full.sum(axis=(2, 3))
+    areas = teacher.lowres_masks(emb, chunk.low_res_logits).sum(axis=(2, 3))
     rows = np.arange(3)
-    np.testing.assert_allclose(gal.scores[:, 0], chunk.iou_scores[rows, areas.argmax(axis=1)], rtol=1e-6)
-    np.testing.assert_allclose(gal.scores[:, 1], chunk.iou_scores.max(axis=1), rtol=1e-6)
+    by_area = np.argsort(-areas, axis=1, kind="stable")
+    np.testing.assert_allclose(ranked.scores[:, 0], chunk.iou_scores[rows, by_area[:, 0]], rtol=1e-6)
+    np.testing.assert_allclose(ranked.scores[rows, ranked.best], chunk.iou_scores.max(axis=1), rtol=1e-6)
+    if levels:
+        np.testing.assert_allclose(ranked.scores, chunk.iou_scores[rows[:, None], by_area], rtol=1e-6)
+        assert (np.diff(teacher.lowres_masks(emb, ranked.logits).sum(axis=(2, 3)), axis=1) <= 0).all()
+
+
+def test_low_res_masks_agree_with_the_upsampled_ones(teacher):
+    image, _ = render_scene(np.random.default_rng(1), size_hw=(80, 112), max_objects=4)
+    emb = teacher.encode(image)
+    chunk = next(teacher.decode_points_multimask(emb, np.array([[20.0, 30.0], [60.0, 40.0]])))
+    lr = chunk.low_res_logits.reshape(-1, *chunk.low_res_logits.shape[2:])
+    small = teacher.lowres_masks(emb, lr)
+    full = teacher.upsample(emb, lr)
+    # The low-res grid covers the resized input, padding cropped: its aspect follows the image's.
+    assert small.shape[2] > small.shape[1]
+    # Compare at the small grid: the full mask sampled at each low-res cell centre.
+    rows = np.minimum(((np.arange(small.shape[1]) + 0.5) * full.shape[1] / small.shape[1]).astype(int), 79)
+    cols = np.minimum(((np.arange(small.shape[2]) + 0.5) * full.shape[2] / small.shape[2]).astype(int), 111)
+    sampled = full[:, rows][:, :, cols]
+    assert (sampled == small).mean() > 0.9
 
 
 @pytest.mark.parametrize("bad", [{"grid_points_per_side": 0}, {"decoder_chunk": 0}, {"object_nms_iou": 1.5},
