@@ -27,7 +27,8 @@ import numpy as np
 from omnilabel.errors import InputError
 from omnilabel.ops.boxes import box_iou, masks_to_boxes_xyxy
 
-__all__ = ["adaptive_nms", "consistency_filter", "levels_by_area", "mask_iou_matrix", "mask_nms", "superpixel_density"]
+__all__ = ["adaptive_nms", "consistency_filter", "levels_by_area", "mask_iou_matrix", "mask_nms", "stability_scores",
+           "superpixel_density"]
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -124,6 +125,28 @@ def levels_by_area(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     areas = m.reshape(len(m), 3, m.shape[2] * m.shape[3]).sum(axis=2)
     order = np.argsort(-areas, axis=1, kind="stable")
     return order.astype(np.int64), np.argmax(s, axis=1).astype(np.int64)
+
+
+def stability_scores(logits: np.ndarray, *, threshold: float = 0.0, offset: float = 1.0) -> np.ndarray:
+    """SAM AMG's stability score: IoU of the masks ``logits > threshold + offset`` and ``> threshold - offset``.
+
+    The first mask lies inside the second, so the IoU is the ratio of their areas; a mask whose second area is
+    0 scores 1 (as in ``segment_anything.utils.amg.calculate_stability_score``, which divides 0 by 0 only when
+    both are empty; here that is defined).
+
+    Args:
+        logits: (..., H, W) float mask logits.
+        threshold: the mask threshold (SAM: 0). offset: AMG's ``stability_score_offset`` (1.0).
+
+    Returns:
+        (...,) float64 in [0, 1].
+    """
+    lg = np.asarray(logits, dtype=np.float32)
+    if lg.ndim < 2:
+        raise InputError(f"logits must be (..., H, W), got shape {lg.shape}")
+    inner = (lg > threshold + offset).sum(axis=(-2, -1))
+    outer = (lg > threshold - offset).sum(axis=(-2, -1))
+    return np.where(outer > 0, inner / np.maximum(outer, 1), 1.0)
 
 
 def mask_nms(masks: np.ndarray, scores: np.ndarray, *, iou_thresh: float = 0.8,

@@ -40,7 +40,14 @@ import numpy as np
 import torch
 
 from omnilabel.errors import InputError
-from omnilabel.ops.entity import adaptive_nms, consistency_filter, levels_by_area, mask_nms, superpixel_density
+from omnilabel.ops.entity import (
+    adaptive_nms,
+    consistency_filter,
+    levels_by_area,
+    mask_nms,
+    stability_scores,
+    superpixel_density,
+)
 from omnilabel.ops.entity_cover import fuse_new_masks, greedy_cover, to_entity_map, uncovered_regions, usr_prompt_points
 from omnilabel.ops.entity_refine import (
     centroids_in_masks,
@@ -90,6 +97,11 @@ class EntityConfig:
         usr_contain_frac: [ours] 1.0, Eq. 9's ⊆ for "the hole lies inside a part mask".
         usr_min_gain_px: [ours] 1, the greedy cover stops when no mask adds this many uncovered pixels.
         fuse_rho: ρ = 0.1, IoU above which a USR mask joins an entity (paper, Table 4).
+        pred_iou_thresh: SAM AMG's quality filter on the predicted IoU (AMG: 0.88); 0 = off, as E-SAM keeps
+            every output of every point so that the three levels are defined (§7.3.2). Applied to object and
+            part masks before their NMS.
+        stability_score_thresh: AMG's stability filter (AMG: 0.95, ``stability_scores`` at the decoder's
+            resolution); 0 = off, for the same reason. stability_score_offset: AMG's 1.0.
     """
 
     grid_points_per_side: int = 32
@@ -117,6 +129,9 @@ class EntityConfig:
     usr_contain_frac: float = 1.0
     usr_min_gain_px: int = 1
     fuse_rho: float = 0.1
+    pred_iou_thresh: float = 0.0
+    stability_score_thresh: float = 0.0
+    stability_score_offset: float = 1.0
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}"
@@ -126,7 +141,7 @@ class EntityConfig:
         problems += [f"{name} must be in [0, 1], got {getattr(self, name)}"
                      for name in ("object_nms_iou", "consistency_iou", "part_nms_base_iou", "split_delta",
                                   "same_guide_iou", "merge_cover_frac", "merge_cover_iou", "usr_contain_frac",
-                                  "fuse_rho")
+                                  "fuse_rho", "stability_score_thresh")
                      if not 0.0 <= getattr(self, name) <= 1.0]
         if problems:
             raise InputError("bad EntityConfig", problems)
@@ -240,9 +255,11 @@ class EntitySegmenter:
         # MMG (§2) on the decoder's low-res masks; full size only for the objects and parts that survive.
         main = self._decode_ranked(emb, point_grid(cfg.grid_points_per_side, hw), levels=True)
         rows = np.arange(len(main.points_xy))
+        good = self._quality(main)
         obj_lr = sam.lowres_masks(emb, main.logits[:, 0])
         obj_s = main.scores[:, 0]
-        keep = mask_nms(obj_lr, obj_s, iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)
+        ok0 = np.flatnonzero(good[:, 0])
+        keep = ok0[mask_nms(obj_lr[ok0], obj_s[ok0], iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)]
         stats.counts["objects_nms"] = len(keep)
         ids = (keep, rows) if cfg.consistency_exclude_self else (None, None)
         ok = consistency_filter(obj_lr[keep], sam.lowres_masks(emb, main.logits[rows, main.best]), gamma=cfg.consistency_iou,
@@ -254,9 +271,10 @@ class EntitySegmenter:
         density = _area_resize(superpixel_density(sp, ref_area_px=cfg.density_ref_area_px), main.lowres_hw)
         part_logits = []
         for level in (1, 2):
-            m = sam.lowres_masks(emb, main.logits[:, level])
-            k = adaptive_nms(m, main.scores[:, level], density, base_thresh=cfg.part_nms_base_iou,
-                             reduce=cfg.density_reduce)
+            ok = np.flatnonzero(good[:, level])
+            m = sam.lowres_masks(emb, main.logits[ok, level])
+            k = ok[adaptive_nms(m, main.scores[ok, level], density, base_thresh=cfg.part_nms_base_iou,
+                                reduce=cfg.density_reduce)]
             part_logits.append(main.logits[k, level])
         parts_all, _ = _nonempty(sam.upsample(emb, np.concatenate(part_logits).astype(np.float32)),
                                  np.zeros(sum(map(len, part_logits))))
@@ -347,6 +365,18 @@ class EntitySegmenter:
             logits[c.indices] = lr[r, cols]
             scores[c.indices] = c.iou_scores[r, cols]
         return _Ranked(np.asarray(points_xy), logits, scores, best, (int(hw[0]), int(hw[1])))
+
+    def _quality(self, ranked: _Ranked) -> np.ndarray:
+        """(N, 3) bool: the outputs that pass AMG's quality filters (all of them with the default config)."""
+        cfg = self.config
+        good = ranked.scores >= cfg.pred_iou_thresh
+        if cfg.stability_score_thresh > 0:
+            h, w = ranked.lowres_hw
+            for level in range(ranked.logits.shape[1]):
+                good[:, level] &= stability_scores(ranked.logits[:, level, :h, :w],
+                                                   threshold=self.sam.config.mask_threshold,
+                                                   offset=cfg.stability_score_offset) >= cfg.stability_score_thresh
+        return good
 
     def _gallery_masks(self, emb: ImageEmbedding, gallery: _Ranked, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full-size O and B masks, (n, H, W) bool each, of the gallery points ``idx``."""

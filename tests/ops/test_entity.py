@@ -383,3 +383,15 @@ def test_nms_suppression_is_strictly_greater():
     assert mask_nms(masks, scores, iou_thresh=0.5).tolist() == [0, 1]
     assert mask_nms(masks, scores, iou_thresh=0.49).tolist() == [0]
     assert adaptive_nms(masks, scores, np.zeros((8, 8)), base_thresh=0.5).tolist() == [0, 1]
+
+
+def test_stability_score_is_the_area_ratio_of_the_tight_and_loose_masks():
+    from omnilabel.ops.entity import stability_scores
+
+    logits = np.full((2, 4, 4), -5.0)
+    logits[0, :2, :2] = 3.0  # 4 px above +1 and -1
+    logits[0, 2, 0] = 0.5  # 1 px only above -1
+    logits[1, 0, 0] = 0.2  # 1 px above -1, none above +1
+    np.testing.assert_allclose(stability_scores(logits), [4 / 5, 0.0])
+    assert stability_scores(np.full((1, 3, 3), -9.0))[0] == 1.0
+    np.testing.assert_allclose(stability_scores(logits, offset=0.1), [1.0, 1.0])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,6 +113,15 @@ def test_low_res_masks_agree_with_the_upsampled_ones(teacher):
     cols = np.minimum(((np.arange(small.shape[2]) + 0.5) * full.shape[2] / small.shape[2]).astype(int), 111)
     sampled = full[:, rows][:, :, cols]
     assert (sampled == small).mean() > 0.9
+
+
+def test_amg_quality_filters_are_off_by_default_and_drop_masks_when_set(teacher):
+    image, _ = render_scene(np.random.default_rng(0), size_hw=(96, 96), max_objects=4)
+    plain = EntitySegmenter(teacher, CONFIG).segment(image).stats.counts
+    strict = EntitySegmenter(teacher, replace(CONFIG, stability_score_thresh=1.0, pred_iou_thresh=2.0))
+    counts = strict.segment(image).stats.counts
+    assert plain["objects_nms"] > 0 and plain["parts"] > 0
+    assert counts["objects_nms"] == counts["parts"] == 0
 
 
 @pytest.mark.parametrize("bad", [{"grid_points_per_side": 0}, {"decoder_chunk": 0}, {"object_nms_iou": 1.5},
