@@ -41,7 +41,8 @@ def pseudomask(
              "from, else vit_h].")] = None,
     detector: Annotated[str, typer.Option(
         help="Grounding DINO: grounding-dino-tiny, grounding-dino-base, a local folder, or `none` (points then "
-             "use SAM's own box; images with tags or no labels are left out).")] = "grounding-dino-tiny",
+             "use SAM's own box; images with tags or no labels are left out, unless --proposals labels "
+             "them).")] = "grounding-dino-tiny",
     teacher: Annotated[Path | None, typer.Option(help=f"{_TEACHER_HELP} for every SAM stage.")] = None,
     teacher_box: Annotated[Path | None, typer.Option(
         help=f"{_TEACHER_HELP} for boxes and detections (box-SAM), instead of --teacher there.")] = None,
@@ -55,11 +56,27 @@ def pseudomask(
                                      "with box + point; --no-refine keeps the stage-1 masks (the paper's "
                                      "\"Point\" ablation).")] = True,
     clip: Annotated[str | None, typer.Option(
-        help="CLIP for class-aware teachers, a name or a path [default: the one the teacher was trained "
-             "with]; loaded only when a teacher has a class module.")] = None,
+        help="CLIP, a name or a path: for class-aware teachers [default: the one the teacher was trained "
+             "with] and, with --proposals, to classify entities [default: clip-vit-b-32]; loaded only when "
+             "one of them needs it.")] = None,
+    clip_arch: Annotated[str | None, typer.Option(
+        help="open_clip architecture of a --clip path for --proposals (e.g. ViT-B-32) [default: the "
+             "registry's].")] = None,
+    proposals: Annotated[Path | None, typer.Option(
+        help="Entities file (`omnilabel entities` on this COCO file): images with tags or no labels take their "
+             "pseudomasks from its entity masks instead of Grounding DINO -> SAM. Each entity's masked crop is "
+             "classified by CLIP's image tower against every class and a few background texts; its label is "
+             "the likeliest of the image's tags (every class for unlabelled images and --weak none) and it is "
+             "kept at probability >= --proposal-threshold, its mask as is (no SAM pass). Works with "
+             "`--detector none`; with a detector, the detector only refines points. Images that need proposals "
+             "and are not in the file are left out. Not with --refiner.")] = None,
+    proposal_threshold: Annotated[float, typer.Option(
+        help="--proposals: keep an entity when CLIP gives its label at least this probability; 0.5, the "
+             "majority: more than every other class and the background together.")] = 0.5,
     refiner: Annotated[Path | None, typer.Option(
         help="SUM refiner (`finetune-teacher --prompts refine`): also write each pseudomask's uncertainty map "
-             "(OUTPUT.uncertainty/) and `omnilabel.uncertainty_mean`, in the same pass.")] = None,
+             "(OUTPUT.uncertainty/) and `omnilabel.uncertainty_mean`, in the same pass. Refused with "
+             "--proposals (entity masks have no SAM logits to refine).")] = None,
     box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
     nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
     encoder_batch: Annotated[int, typer.Option(
@@ -77,7 +94,8 @@ def pseudomask(
     """Turn weak annotations into COCO pseudomasks with SAM and Grounding DINO.
 
     Boxes prompt SAM directly; points go SAM → Grounding DINO refinement (Algorithm 1) → SAM with box and
-    point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM. Annotations with
+    point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM, or with
+    `--proposals` take the entity masks of `omnilabel entities` that CLIP classifies. Annotations with
     a `segmentation` pass through untouched. Each image is encoded by SAM once. The job is resumable: rerun
     it after an interruption. Default `--batch-size`: 16 images per shard.
     """
@@ -85,16 +103,19 @@ def pseudomask(
     from omnilabel.jobs.pseudomask import PseudomaskConfig, Throughput, run_pseudomask
     from omnilabel.teachers.loading import TeacherSpec
     from omnilabel.teachers.pipeline import PipelineConfig
+    from omnilabel.teachers.proposals import ProposalConfig
 
     job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite)
     roles = {"teacher": teacher, "teacher_box": teacher_box, "teacher_point": teacher_point,
              "teacher_refine": teacher_refine}
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou,
-                       clip=clip, refiner=None if refiner is None else str(refiner),
+                       clip=clip, clip_arch=clip_arch, refiner=None if refiner is None else str(refiner),
                        **{k: str(v) for k, v in roles.items() if v is not None})
+    setting = None if proposals is None else ProposalConfig(threshold=proposal_threshold)
     config = PseudomaskConfig(teachers=spec, pipeline=PipelineConfig(weak=weak, box_threshold=box_threshold,
-                                                                      refine=refine),
-                              throughput=Throughput(encoder_batch=encoder_batch, prefetch=prefetch))
+                                                                      refine=refine, proposals=setting),
+                              throughput=Throughput(encoder_batch=encoder_batch, prefetch=prefetch),
+                              proposals=proposals)
     target = output or default_output(coco, ".pseudo.json")
     with events("pseudomask") as on_event:
         summary = run_pseudomask(Dataset(coco, images, allow_outside_images), target, job, config,

@@ -5,6 +5,12 @@ A worker reads its shard's images a few ahead on a background thread (``Throughp
 memory does not grow with the dataset and a killed job resumes where it stopped. A missing or undecodable
 image is recorded (``errors.jsonl`` in the job directory) and the job goes on. Workers get the models as
 names and paths (``model_refs``) and find them on their own node.
+
+With entity proposals (``PseudomaskConfig.proposals``, ``--proposals``) the entities file is read and checked
+once, on the driver (``teachers.proposals.read_proposals``); each task carries its own image's entity masks
+(RLE), so no worker reads the file. An image that needs them (tags, no labels) and is not in the file is left
+out of the output, as an image that needs a detector is without one: kept with its tags unlabelled, it would
+teach a student that its tagged objects are background. A warning counts them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 from omnilabel import __version__
 from omnilabel.data.coco import annotations_by_image, category_names, load_coco, resolve_image_path
 from omnilabel.data.maps import MapFolder
-from omnilabel.data.weak import ImagePlan, plan_weak
+from omnilabel.data.weak import ImagePlan, WeakPlan, WeakType, plan_weak
 from omnilabel.errors import InputError
 from omnilabel.events import OnEvent, emit
 from omnilabel.io import file_sha256
@@ -29,6 +35,7 @@ from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, run_unfinished_shards
 from omnilabel.models.registry import WeightRef
 from omnilabel.teachers.loading import (
+    DEFAULT_CLIP,
     TeacherSpec,
     load_teachers,
     model_id,
@@ -38,6 +45,7 @@ from omnilabel.teachers.loading import (
     resolve_refs,
 )
 from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline
+from omnilabel.teachers.proposals import ProposalConfig, ProposalIndex, read_proposals
 
 #: Images per shard (``--batch-size``): the unit of resume (and, on Ray, of scheduling).
 DEFAULT_SHARD_SIZE = 16
@@ -70,11 +78,16 @@ class Throughput:
 
 @dataclass(frozen=True)
 class PseudomaskConfig:
-    """What a pseudomask job computes (the models, the setting with its thresholds), and how fast."""
+    """What a pseudomask job computes (the models, the setting with its thresholds), and how fast.
+
+    ``proposals``: an entities file (``omnilabel entities``) whose masks label the tags/none images instead of
+    the detector; ``pipeline.proposals`` then holds its setting (default ``ProposalConfig()``).
+    """
 
     teachers: TeacherSpec = field(default_factory=TeacherSpec)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     throughput: Throughput = field(default_factory=Throughput)
+    proposals: str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +99,15 @@ class ImageTask:
         path: the image file.
         annotations: the image's input annotations.
         plan: what to do with them (``omnilabel.data.weak.plan_weak``, made once on the driver).
+        proposals: with ``--proposals``, for an image whose plan detects, its entities
+            (``{"entity_id", "segmentation"}``, ``read_proposals``); else None.
     """
 
     image_id: int
     path: str
     annotations: list[dict[str, Any]]
     plan: ImagePlan
+    proposals: list[dict[str, Any]] | None = None
 
 
 class PseudomaskWorker:
@@ -152,7 +168,8 @@ class PseudomaskWorker:
         not fit even so fails, with an ``error`` record.
         """
         items = [(image, tasks[i].annotations, tasks[i].plan) for i, image, _ in chunk]
-        results = self.pipeline.label_images(items, encoder_batch=self.throughput.encoder_batch)
+        results = self.pipeline.label_images(items, encoder_batch=self.throughput.encoder_batch,
+                                             proposals=[tasks[i].proposals for i, _, _ in chunk])
         for (i, _, read_s), result in zip(chunk, results, strict=True):
             task = tasks[i]
             rec: dict[str, Any] = {"image_id": task.image_id}
@@ -183,17 +200,63 @@ def _timed_read(path: str | Path) -> tuple[Any, float]:
 
 def task_from_dict(d: dict[str, Any]) -> ImageTask:
     """Inverse of ``dataclasses.asdict`` for a task (how tasks travel to Ray workers)."""
-    return ImageTask(int(d["image_id"]), str(d["path"]), list(d["annotations"]), ImagePlan.from_dict(d["plan"]))
+    return ImageTask(int(d["image_id"]), str(d["path"]), list(d["annotations"]), ImagePlan.from_dict(d["plan"]),
+                     d.get("proposals"))
 
 
 def plan_tasks(data: dict[str, Any], images_dir: Path, plans: Sequence[ImagePlan], *,
-               allow_outside_images: bool) -> list[ImageTask]:
-    """One task per planned image that is not left out, in file order."""
+               allow_outside_images: bool, proposals: ProposalIndex | None = None) -> list[ImageTask]:
+    """One task per planned image that is not left out, in file order; with ``proposals``, an image whose plan
+    detects carries its entities."""
     by_image = annotations_by_image(data)
     paths = {int(im["id"]): im["file_name"] for im in data["images"]}
     return [ImageTask(p.image_id, str(resolve_image_path(images_dir, paths[p.image_id],
                                                          allow_outside_images=allow_outside_images)),
-                      by_image[p.image_id], p) for p in plans if p.left_out is None]
+                      by_image[p.image_id], p,
+                      proposals.entities[p.image_id] if proposals is not None and p.detect is not None else None)
+            for p in plans if p.left_out is None]
+
+
+def _proposal_setting(config: PseudomaskConfig) -> tuple[PipelineConfig, Path | None]:
+    """The pipeline setting with its ``proposals`` filled in when a file is given, and the file.
+
+    Raises:
+        InputError: a proposals setting without a file, or a file with a refiner.
+    """
+    pipeline = config.pipeline
+    if config.proposals is None:
+        if pipeline.proposals is not None:
+            raise InputError("the pipeline has a proposals setting but no entities file was given (--proposals)")
+        return pipeline, None
+    if config.teachers.refiner is not None:
+        raise InputError("--refiner cannot score entity proposals (--proposals): their masks come from the entities "
+                         "file with no SAM logits for the refiner to refine; run without --refiner, or run "
+                         "`omnilabel uncertainty` on a file made without --proposals")
+    if pipeline.proposals is None:
+        pipeline = replace(pipeline, proposals=ProposalConfig())
+    return pipeline, Path(config.proposals)
+
+
+def _join_proposals(plan: WeakPlan, data: dict[str, Any], path: Path, *, source: str,
+                    on_event: OnEvent | None) -> tuple[WeakPlan, ProposalIndex]:
+    """Read the entities of the images that need them; leave out the images the file does not have.
+
+    Raises:
+        InputError: a bad entities file (``read_proposals``), or none of the images that need it is in it.
+    """
+    need = [p.image_id for p in plan.kept if p.detect is not None]
+    index = read_proposals(path, data["images"], need=need, source=source)
+    if index.missing:
+        missing = set(index.missing)
+        plan = replace(plan, images=tuple(replace(p, left_out=f"not in the proposals file {path}")
+                                          if p.image_id in missing else p for p in plan.images))
+        emit(on_event, "warning", message=f"{len(missing)} of the {len(need)} image(s) with image-level tags or no "
+                                          f"labels are not in {path} and are left out of the output (was it made "
+                                          f"from {source}?)")
+    if not plan.kept:
+        raise InputError(f"{path}: none of the {len(need)} images of {source} that need proposals is in it; make it "
+                         f"with `omnilabel entities {source}`")
+    return plan, index
 
 
 def recorded_teachers(spec: TeacherSpec) -> dict[str, Any]:
@@ -229,10 +292,12 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     Returns:
         Summary: ``counts`` per weak type (+ gt, empty, duplicate), ``seconds`` per stage, ``images``,
         ``errors``, ``annotations``, ``skipped_shards``, ``wall_s``, ``output``, ``job_dir``, ``errors_path``,
-        ``left_out`` (images that need a detector when there is none; not in the output), ``missing``.
+        ``left_out`` (images that need a detector when there is none; not in the output), ``missing_proposals``
+        (with proposals: images that need them and are not in the file; not in the output), ``missing``.
 
     Raises:
-        InputError: bad input or flags, or no image exists (nothing is written). CheckpointError: a model
+        InputError: bad input or flags, a bad entities file (``read_proposals``), ``--refiner`` with proposals,
+            or no image exists (nothing is written). CheckpointError: a model
             cannot be had. JobError: the job directory holds a different job, or every image failed (the
             output is not written).
     """
@@ -241,27 +306,42 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     output, images_dir = Path(output), inputs.images_dir
     spec = replace(config.teachers, device=job.device).with_base()
     source = str(inputs.coco)
+    pipeline, proposals_path = _proposal_setting(config)
     data = load_coco(inputs.coco, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
-    plan = plan_weak(data, config.pipeline.weak, has_detector=spec.has_detector, source=source)
+    plan = plan_weak(data, pipeline.weak, has_detector=spec.has_detector or proposals_path is not None, source=source)
     plan.raise_problems(source)
-    tasks = plan_tasks(data, images_dir, plan.images, allow_outside_images=inputs.allow_outside_images)
+    index = None
+    if proposals_path is not None:
+        plan, index = _join_proposals(plan, data, proposals_path, source=source, on_event=on_event)
+    tasks = plan_tasks(data, images_dir, plan.images, allow_outside_images=inputs.allow_outside_images,
+                       proposals=index)
     missing = check_images_exist([t.path for t in tasks], images_dir=images_dir, source=source, on_event=on_event)
-    if plan.left_out:
+    if plan.left_out and index is None:
         emit(on_event, "warning", message=f"{len(plan.left_out)} image(s) with image-level tags or no labels need "
                                           "a detector and are left out of the output (drop `--detector none` to "
                                           "label them)")
     shard_size = job.unit(DEFAULT_SHARD_SIZE)
     shards = shards_of(tasks, shard_size)
-    load_detector = plan.uses_detector(refine_points=config.pipeline.refine)
+    if index is None:
+        load_detector = plan.uses_detector(refine_points=pipeline.refine)
+    else:  # the proposals label the tags/none images; a detector is left only the points to refine
+        load_detector = spec.has_detector and pipeline.refine and any(p.has(WeakType.POINT) for p in plan.kept)
     jobdir = JobDir(job.job_dir_for(output))
     manifest = {"omnilabel": __version__, "command": "pseudomask", "input_sha256": file_sha256(inputs.coco),
                 "images_dir": str(images_dir), "n_images": len(tasks), "shard_size": shard_size,
-                "pipeline": asdict(config.pipeline), "teacher": {**asdict(spec), "device": None},
+                "pipeline": asdict(pipeline), "teacher": {**asdict(spec), "device": None},
                 "models": {"sam": model_id(str(spec.sam)),
                            "detector": model_id(spec.detector) if load_detector else None}}
+    proposals_record: dict[str, Any] | None = None
+    if proposals_path is not None:
+        assert pipeline.proposals is not None
+        manifest["models"]["classifier"] = model_id(spec.clip or DEFAULT_CLIP)
+        proposals_record = {"file": str(proposals_path.resolve()), "sha256": file_sha256(proposals_path),
+                            "threshold": pipeline.proposals.threshold, "classifier": manifest["models"]["classifier"]}
+        manifest["proposals"] = {"sha256": proposals_record["sha256"]}
     # Teacher files are read (a missing or foreign one fails here, before the job directory is written) and
     # hashed once; workers get names and paths and find them on their own nodes.
-    refs = model_refs(spec, load_detector=load_detector)
+    refs = model_refs(spec, load_detector=load_detector, load_classifier=proposals_path is not None)
     if (mismatch := refiner_mismatch(spec, refs)) is not None:
         emit(on_event, "warning", message=mismatch)
     for role, path in spec.teacher_files().items():
@@ -276,14 +356,14 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         # Every worker runs on this machine without --address: find (or download, with progress) the models
         # here once and hand over their paths; on a cluster each worker finds them on its own node.
         models = resolve_refs(refs, on_event=on_event) if job.address is None else refs
-        return (spec, models, category_names(data), config.pipeline, config.throughput, maps)
+        return (spec, models, category_names(data), pipeline, config.throughput, maps)
 
     skipped = run_unfinished_shards(jobdir, shards, worker_args=worker_args,
                                     executor=executor or executor_for(job, PseudomaskWorker, task_from_dict, on_event),
                                     on_event=on_event)
     header = {k: v for k, v in data.items() if k != "annotations"}
     header["info"] = {**(data.get("info") or {}), "omnilabel": {"command": "pseudomask",
-                                                                 "weak": config.pipeline.weak.value,
+                                                                 "weak": pipeline.weak.value,
                                                                  "models": manifest["models"],
                                                                  "teachers": recorded_teachers(spec),
                                                                  "version": __version__}}
@@ -291,9 +371,12 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         header["info"]["omnilabel"]["uncertainty"] = {"refiner": manifest["models"]["refiner"],
                                                       "refiner_sha256": manifest["models"]["refiner_sha256"],
                                                       "version": __version__}
+    if proposals_record is not None:
+        header["info"]["omnilabel"]["proposals"] = proposals_record
     errors_path = jobdir.path / "errors.jsonl"
     summary = merge_shards(jobdir, len(shards), header=header, output=output, errors_path=errors_path)
     summary.update(skipped_shards=skipped, wall_s=time.perf_counter() - t_start, output=str(output),
-                   job_dir=str(jobdir.path), errors_path=str(errors_path), left_out=len(plan.left_out),
-                   missing=missing)
+                   job_dir=str(jobdir.path), errors_path=str(errors_path),
+                   left_out=len(plan.left_out) if index is None else 0,
+                   missing_proposals=0 if index is None else len(index.missing), missing=missing)
     return summary

@@ -96,6 +96,10 @@ def _prompt(ann: Mapping[str, Any], source: str) -> tuple[str, np.ndarray, np.nd
     weak = meta.get("weak")
     if not isinstance(prompt, dict):
         raise InputError(f"{where}: omnilabel.prompt: a pseudomask needs the prompt that made it, got {prompt!r}")
+    if "entity_id" in prompt:
+        raise InputError(f"{where}: omnilabel.prompt: an entity proposal (pseudomask --proposals) has no SAM prompt "
+                         "to decode again, so the refiner cannot score it; uncertainty scores files made without "
+                         "--proposals")
     point, box = np.full(2, np.nan), np.full(4, np.nan)
     try:
         if "point" in prompt:

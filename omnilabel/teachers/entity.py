@@ -262,10 +262,11 @@ class EntitySegmenter:
         keep = ok0[mask_nms(obj_lr[ok0], obj_s[ok0], iou_thresh=cfg.object_nms_iou, overlap=cfg.object_nms_overlap)]
         stats.counts["objects_nms"] = len(keep)
         ids = (keep, rows) if cfg.consistency_exclude_self else (None, None)
-        ok = consistency_filter(obj_lr[keep], sam.lowres_masks(emb, main.logits[rows, main.best]), gamma=cfg.consistency_iou,
-                                object_point_ids=ids[0], best_point_ids=ids[1])
+        best_lr = sam.lowres_masks(emb, main.logits[rows, main.best])
+        ok = consistency_filter(obj_lr[keep], best_lr, gamma=cfg.consistency_iou, object_point_ids=ids[0],
+                                best_point_ids=ids[1])
         keep = keep[ok]
-        del obj_lr
+        del obj_lr, best_lr
         cands, cand_s = _nonempty(sam.upsample(emb, main.logits[keep, 0].astype(np.float32)), obj_s[keep])
         stats.counts["objects_kept"] = len(cands)
         density = _area_resize(superpixel_density(sp, ref_area_px=cfg.density_ref_area_px), main.lowres_hw)

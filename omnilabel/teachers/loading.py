@@ -1,7 +1,8 @@
 """Build the teacher models a setting needs, from registry names or local paths.
 
-A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``; CLIP
-only when a fine-tuned teacher has a class module.
+A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``; CLIP's
+text tower when a fine-tuned teacher has a class module; CLIP with both towers (the ``classifier``) when
+entity proposals are labelled (``pseudomask --proposals``).
 
 Fine-tuned teachers (``omnilabel finetune-teacher``), one per role of the paper: ``teacher`` is used for
 every SAM stage; ``teacher_box`` (box-SAM: boxes and detections), ``teacher_point`` (P-SAM: stage 1 of the
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 #: The base SAM when neither ``--sam`` nor a teacher names one (the paper's).
 DEFAULT_SAM = "vit_h"
+#: The CLIP that labels entity proposals when ``--clip`` names none.
+DEFAULT_CLIP = "clip-vit-b-32"
 #: The teacher roles of ``TeacherSpec``, in the order the base SAM and the encoder are looked up; the last,
 #: ``refiner``, is SUM's refinement module (``finetune-teacher --prompts refine``), which scores pseudomasks.
 ROLES = ("teacher", "teacher_box", "teacher_point", "teacher_refine", "refiner")
@@ -55,7 +58,10 @@ class TeacherSpec:
         teacher_box: teacher file for box prompts and detections (box-SAM), or None (``teacher``).
         teacher_point: teacher file for stage 1 of the points setting (P-SAM), or None (``teacher``).
         teacher_refine: teacher file for stage 2 of the points setting (BP-SAM), or None (``teacher``).
-        clip: CLIP name or path for class-aware teachers (default: the one the teacher was trained with).
+        clip: CLIP name or path for class-aware teachers (default: the one the teacher was trained with) and
+            for the classifier of entity proposals (default: ``DEFAULT_CLIP``).
+        clip_arch: the ``open_clip`` architecture of ``clip`` for the classifier (default: the registry's for a
+            name, else ``ViT-B-32``); a class-aware teacher's CLIP takes the one its file records.
         refiner: SUM refinement module (a ``--prompts refine`` teacher file) that scores every pseudomask with an
             uncertainty map, or None.
     """
@@ -72,6 +78,7 @@ class TeacherSpec:
     teacher_refine: str | None = None
     clip: str | None = None
     refiner: str | None = None
+    clip_arch: str | None = None
 
     @property
     def has_detector(self) -> bool:
@@ -143,12 +150,13 @@ def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
     return next((tf for tf in files.values() if tf.encoder_included), None)
 
 
-def model_refs(spec: TeacherSpec, *, load_detector: bool) -> dict[str, WeightRef]:
+def model_refs(spec: TeacherSpec, *, load_detector: bool, load_classifier: bool = False) -> dict[str, WeightRef]:
     """What the driver sends its workers: every model the job needs, as names and paths (nothing is
     downloaded; teacher files are read here, and carry their sha256 so that each worker checks it has the same).
 
     Keys: ``sam`` (unless a teacher holds the encoder), each role given, ``clip`` (class-aware teachers),
-    ``detector`` (when ``load_detector`` and the spec has one).
+    ``detector`` (when ``load_detector`` and the spec has one), ``classifier`` (CLIP with its image tower, for
+    entity proposals, when ``load_classifier``).
 
     Raises:
         CheckpointError: a teacher file is missing or unreadable; a name is unknown; the teachers disagree on
@@ -170,6 +178,8 @@ def model_refs(spec: TeacherSpec, *, load_detector: bool) -> dict[str, WeightRef
         refs["clip"] = weight_ref(spec.clip or sources.pop(), kind="clip")
     if load_detector and spec.has_detector:
         refs["detector"] = weight_ref(spec.detector, kind="gdino")
+    if load_classifier:
+        refs["classifier"] = weight_ref(spec.clip or DEFAULT_CLIP, kind="clip")
     return refs
 
 
@@ -283,9 +293,27 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         detector = GDinoTeacher(paths["detector"], device=spec.device,
                                 config=GDinoConfig(box_threshold=spec.box_threshold, nms_iou=spec.nms_iou))
         ids["detector"] = model_id(spec.detector)
+    classifier = None
+    if "classifier" in paths:
+        from omnilabel.teachers.proposals import ClipImageClassifier
+
+        classifier = ClipImageClassifier.from_pretrained(paths["classifier"], model_name=clip_arch(spec),
+                                                         device=spec.device)
+        ids["classifier"] = model_id(spec.clip or DEFAULT_CLIP)
     return Teachers(sam=sam, detector=detector, box_sam=roles.get("teacher_box"),
                     point_sam=roles.get("teacher_point"), refine_sam=roles.get("teacher_refine"),
-                    refiner=roles.get("refiner"), model_ids=ids)
+                    refiner=roles.get("refiner"), classifier=classifier, model_ids=ids)
+
+
+def clip_arch(spec: TeacherSpec) -> str:
+    """The ``open_clip`` architecture of the proposals classifier: ``--clip-arch``, else the registry's for a
+    name, else ``ViT-B-32`` (as ``finetune-teacher --clip`` takes it)."""
+    from omnilabel.models.registry import REGISTRY
+
+    if spec.clip_arch is not None:
+        return spec.clip_arch
+    named = REGISTRY.get(spec.clip or DEFAULT_CLIP)
+    return named.architecture if named is not None and named.kind == "clip" else "ViT-B-32"
 
 
 def _teacher(tf: TeacherFile, encoder_sam: Sam, *, encoder_sha: str, encoder_name: str, clip: object,

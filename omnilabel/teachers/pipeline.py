@@ -10,6 +10,9 @@ The four settings of the paper (§3.5, §4.1) and their mix, all in one pass per
 - ``none``: GDino with every dataset class → threshold and NMS → box-SAM.
 - ``auto``: each annotation by its own type (the paper's future work); an image with no annotation is
   unlabelled and treated as ``none``.
+- With entity proposals (``PipelineConfig.proposals``, ``pseudomask --proposals``), the tags/none consumers
+  take the image's entity masks instead of detections: each is classified by CLIP's image tower and kept as it
+  is, with no SAM pass (``omnilabel.teachers.proposals``); the detector, if any, still refines points.
 
 What each image gets is decided by its ``ImagePlan`` (``omnilabel.data.weak.plan_weak``, made once for the
 whole job): the weak type each annotation is used as and what the detector looks for. Annotations with a
@@ -59,10 +62,12 @@ from omnilabel.instances import NO_WEAK_ID, Instances
 from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import covered_by_same_class, masks_to_rle, segmentation_to_rle
 from omnilabel.ops.refine import refine_prompts
+from omnilabel.teachers.proposals import ProposalConfig, classify_entities
 from omnilabel.teachers.uncertainty import UncertaintyScorer, prompt_points
 
 if TYPE_CHECKING:
     from omnilabel.teachers.gdino import GDinoTeacher
+    from omnilabel.teachers.proposals import ClipImageClassifier
     from omnilabel.teachers.sam import ImageEmbedding, SamTeacher
 
 #: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
@@ -83,6 +88,8 @@ class PipelineConfig:
         refine: run Algorithm 1 and stage 2 for points; False is the paper's "Point" ablation (Table 5).
         dedup_iou: a tag detection whose mask has at least this IoU with an annotated object of its class on
             the same image is dropped (one object, one annotation; 0.5, COCO's loosest match).
+        proposals: label tags/none images from their entity masks with this setting instead of the detector
+            (``omnilabel.teachers.proposals``; needs ``Teachers.classifier``), or None.
     """
 
     weak: WeakMode = WeakMode.AUTO
@@ -93,6 +100,7 @@ class PipelineConfig:
     min_mask_area_px: int = 1
     refine: bool = True
     dedup_iou: float = 0.5
+    proposals: ProposalConfig | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -116,6 +124,7 @@ class Teachers:
         point_sam: stage-1 decoder of the points setting (P-SAM).
         refine_sam: stage-2 decoder of the points setting (BP-SAM).
         refiner: SUM's refinement module; when given, every pseudomask gets an uncertainty map.
+        classifier: CLIP's image and text towers, which label entity proposals (``PipelineConfig.proposals``).
         model_ids: names recorded in each pseudomask's ``omnilabel.teacher``.
     """
 
@@ -125,6 +134,7 @@ class Teachers:
     point_sam: SamTeacher | None = None
     refine_sam: SamTeacher | None = None
     refiner: SamTeacher | None = None
+    classifier: ClipImageClassifier | None = None
     model_ids: dict[str, str] = field(default_factory=dict)
 
 
@@ -185,6 +195,7 @@ class _Prepared:
     boxes: Instances
     detections: Instances
     tag_dets: Instances
+    proposed: _Part | None = None
 
     @property
     def needs_sam(self) -> bool:
@@ -225,6 +236,9 @@ class PseudomaskPipeline:
         self.categories = dict(categories)
         self.config = config or PipelineConfig()
         self.scorer = None if teachers.refiner is None else UncertaintyScorer(teachers.refiner)
+        if self.config.proposals is not None and (teachers.classifier is None or self.scorer is not None):
+            raise InputError("entity proposals need a CLIP classifier and no refiner (entity masks have no SAM "
+                             "logits to refine)")
 
     def plan(self, annotations: Sequence[Mapping[str, Any]]) -> ImagePlan:
         """The plan of one image on its own (a job plans every image once, with ``plan_weak``).
@@ -260,7 +274,9 @@ class PseudomaskPipeline:
             raise out
         return out
 
-    def label_images(self, items: Sequence[LabelItem], *, encoder_batch: int = 1) -> list[ImageResult | MemoryError]:
+    def label_images(self, items: Sequence[LabelItem], *, encoder_batch: int = 1,
+                     proposals: Sequence[Sequence[Mapping[str, Any]] | None] | None = None
+                     ) -> list[ImageResult | MemoryError]:
         """Pseudomasks of several images, their SAM encoder passes batched.
 
         The detector runs on each image first (it decides whether an image needs SAM at all); the images
@@ -277,12 +293,15 @@ class PseudomaskPipeline:
             items: ``(image_rgb, annotations, plan)`` per image: (H, W, 3) uint8, its validated input
                 annotations in file order, its ``ImagePlan`` (None: ``self.plan(annotations)``).
             encoder_batch: images per SAM encoder pass, >= 1 (a memory and speed knob).
+            proposals: with ``config.proposals``, per item its entities (``{"entity_id", "segmentation"}``,
+                ``teachers.proposals.read_proposals``), required for the items whose plan detects.
 
         Returns:
             One ``ImageResult`` (as ``label_image`` returns) or ``MemoryError`` per item, in input order.
 
         Raises:
-            InputError: ``encoder_batch`` < 1, or a plan does not fit its annotations.
+            InputError: ``encoder_batch`` < 1, a plan does not fit its annotations, or an item that needs
+                proposals has none.
         """
         if encoder_batch < 1:
             raise InputError(f"encoder_batch must be >= 1, got {encoder_batch}")
@@ -290,14 +309,14 @@ class PseudomaskPipeline:
         waiting: list[tuple[int, _Prepared]] = []
         for i, (image_rgb, anns, plan) in enumerate(items):
             try:
-                prep = self._prepare(image_rgb, anns, plan)
+                prep = self._prepare(image_rgb, anns, plan, None if proposals is None else proposals[i])
+                if not prep.needs_sam:
+                    out[i] = prep.result if prep.proposed is None else self._finish(prep, None)
+                    continue
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 out[i] = _memory_error(exc)
                 continue
-            if prep.needs_sam:
-                waiting.append((i, prep))
-            else:
-                out[i] = prep.result
+            waiting.append((i, prep))
         for start in range(0, len(waiting), encoder_batch):
             chunk = waiting[start : start + encoder_batch]
             encoded = self._encode_chunk([prep.image_rgb for _, prep in chunk])
@@ -342,8 +361,8 @@ class PseudomaskPipeline:
         return alone
 
     def _prepare(self, image_rgb: np.ndarray, annotations: Sequence[Mapping[str, Any]],
-                 plan: ImagePlan | None) -> _Prepared:
-        """Everything before SAM: GT passthrough, the weak prompts, detection."""
+                 plan: ImagePlan | None, entities: Sequence[Mapping[str, Any]] | None = None) -> _Prepared:
+        """Everything before SAM: GT passthrough, the weak prompts, detection (or classified entities)."""
         cfg = self.config
         plan = plan if plan is not None else self.plan(annotations)
         if len(plan.kinds) != len(annotations):
@@ -367,6 +386,10 @@ class PseudomaskPipeline:
         elif plan.detect is WeakType.NONE:
             tag_classes = sorted(self.categories)
 
+        proposed = None
+        if cfg.proposals is not None and plan.detect is not None:
+            proposed = self._propose(image_rgb, entities, tag_classes, plan, result)
+            tag_classes = []  # the detector looks for the points' classes only
         detector = self.teachers.detector
         det_classes = set(tag_classes)
         if detector is not None and cfg.refine and len(points):
@@ -382,10 +405,31 @@ class PseudomaskPipeline:
         tag_dets = detections[np.isin(detections.category_ids, tag_classes)
                               & (detections.scores >= cfg.box_threshold)]
         return _Prepared(image_rgb=image_rgb, plan=plan, result=result, by_kind=by_kind, points=points,
-                         points_crowd=points_crowd, boxes=boxes, detections=detections, tag_dets=tag_dets)
+                         points_crowd=points_crowd, boxes=boxes, detections=detections, tag_dets=tag_dets,
+                         proposed=proposed)
 
-    def _finish(self, prep: _Prepared, emb: ImageEmbedding) -> ImageResult:
-        """Everything after the encoder: the SAM stages, duplicates, empty masks, COCO records."""
+    def _propose(self, image_rgb: np.ndarray, entities: Sequence[Mapping[str, Any]] | None, allowed: list[int],
+                 plan: ImagePlan, result: ImageResult) -> _Part | None:
+        """The image's entities that CLIP gives an allowed class, as the detections part (no SAM logits)."""
+        classifier, config, kind = self.teachers.classifier, self.config.proposals, plan.detect
+        assert classifier is not None and config is not None and kind is not None
+        if entities is None:
+            raise InputError(f"image id={plan.image_id}: its {kind.value} need entity proposals, and none were given")
+        t0 = time.perf_counter()
+        inst, counts = classify_entities(classifier, image_rgb, entities, allowed_ids=allowed,
+                                         categories=self.categories, config=config)
+        result.seconds["classify"] += time.perf_counter() - t0
+        result.counts.update({k: v for k, v in counts.items() if v})
+        if not len(inst):
+            return None
+        extras = [{"weak": kind.value, "prompt": {"entity_id": int(k)}, "clip_score": round(float(s), SCORE_DECIMALS)}
+                  for k, s in zip(inst.data.pop("entity_id"), inst.scores, strict=True)]
+        n = len(inst)
+        return _Part(inst, extras, np.zeros(n, dtype=bool), np.zeros((n, 0), dtype=np.float32), np.full((n, 2), np.nan))
+
+    def _finish(self, prep: _Prepared, emb: ImageEmbedding | None) -> ImageResult:
+        """Everything after the encoder: the SAM stages, duplicates, empty masks, COCO records (``emb`` is None
+        for an image whose only prompts are entity proposals)."""
         cfg = self.config
         result, by_kind = prep.result, prep.by_kind
         parts: list[_Part] = []
@@ -395,7 +439,9 @@ class PseudomaskPipeline:
         if len(box_prompts):
             parts += self._boxes(emb, box_prompts, len(prep.boxes), _crowd(by_kind[WeakType.BOX]), prep.plan,
                                  result)
-        if len(prep.tag_dets) and len(parts) > 0:
+        if prep.proposed is not None:
+            parts.append(prep.proposed)
+        if (len(prep.tag_dets) or prep.proposed is not None) and len(parts) > 0:
             self._drop_duplicates(parts, by_kind[WeakType.FULL], result)
 
         for part in parts:
