@@ -12,10 +12,12 @@ Glue choices the paper does not make ([ours]):
 - Memory: no grid is ever held as full-size masks. Each decoder chunk's 3 outputs are ranked by area on the
   decoder's low-res masks (``SamTeacher.lowres_masks``: 4g x 4g logits > 0, padding cropped; 256 x 256 for an
   official SAM, where SAM decides its masks) and kept as float16 logits: the 32-grid's 3 levels (3 x 1024 x
-  (4g)², 0.4 GiB for an official SAM) and the 64-grid gallery's object (O) and best (B) outputs (2 x 4096 x
-  (4g)², 1 GiB). MMG (object NMS, the best-map check, adaptive NMS with the density map averaged down to that
-  grid) runs at that resolution; only the surviving objects and parts are upsampled to the image size. Full-size
-  gallery masks are upsampled per use, and only for the points a step can use:
+  (4g)², 0.4 GiB for an official SAM). MMG (object NMS, the best-map check, adaptive NMS with the density map
+  averaged down to that grid) runs at that resolution; only the surviving objects and parts are upsampled to
+  the image size.
+- The 64-grid gallery is decoded on demand (``_Gallery``): only the points a step can use are decoded, their
+  object (O) and best (B) outputs kept as float16 low-res logits and upsampled per use. A point's outputs depend
+  on that point alone, so the result equals decoding all 4096 points first, at a fraction of the decoder calls:
   - split (§3.1): the points lying on a pixel that two or more object candidates share. ``split_overlaps`` only
     reads guides at points inside an overlap, and overlaps only shrink, so the result equals the full gallery's;
   - merge (§3.2): the points lying inside a fragment of some candidate pair (S_M ≥ threshold either way). A SAM
@@ -152,15 +154,15 @@ class EntityStats:
     """Cost and coverage of one ``segment`` call.
 
     Attributes:
-        seconds: wall seconds per stage: "encode", "superpixels", "mmg" (main + gallery decoding included),
-            "emr", "usr", "total".
+        seconds: wall seconds per stage: "encode", "superpixels", "mmg" (the main grid's decoding included),
+            "emr" (the gallery points it decodes included), "usr", "total".
         encoder_calls: image-encoder passes (1).
         decoder_calls: mask-decoder calls, all grids and USR prompts.
         decoder_calls_usr: of those, the USR prompts' calls.
         covered_frac_emr: share of pixels in some entity after MMG + EMR, in [0, 1].
         covered_frac_usr: the same after USR (≥ covered_frac_emr: fusion only adds pixels).
         counts: number of masks after each step ("objects_nms", "objects_kept", "parts", "split", "merged",
-            "usr_prompts", "usr_chosen", "final").
+            "usr_prompts", "usr_chosen", "final"), and "gallery_decoded", the gallery points decoded.
     """
 
     seconds: dict[str, float] = field(default_factory=dict)
@@ -212,6 +214,33 @@ class _Ranked:
     @property
     def same(self) -> np.ndarray:
         return self.best == 0
+
+
+class _Gallery:
+    """The 64-grid gallery, decoded on demand: a point is decoded (O and B low-res logits, ``_Ranked``) the first
+    time a step asks for its masks, and kept. Only the points a step can use are ever decoded (module docstring);
+    each point's outputs depend on that point alone, so this equals decoding the whole grid first."""
+
+    def __init__(self, segmenter: EntitySegmenter, emb: ImageEmbedding, points_xy: np.ndarray) -> None:
+        self.segmenter, self.emb, self.points_xy = segmenter, emb, np.asarray(points_xy)
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}  # point → (logits (2, 4g, 4g), scores, same)
+
+    def masks(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Full-size O masks (n, H, W), their scores (n,), B masks, their scores, and (n,) "B is O", of ``idx``."""
+        new = [int(i) for i in idx if int(i) not in self.rows]
+        if new:
+            ranked = self.segmenter._decode_ranked(self.emb, self.points_xy[new], levels=False)
+            for j, i in enumerate(new):
+                self.rows[i] = (ranked.logits[j], ranked.scores[j], bool(ranked.same[j]))
+        sam, hw = self.segmenter.sam, self.emb.original_size
+        if len(idx) == 0:
+            empty = np.zeros((0, *hw), dtype=bool)
+            return empty, np.zeros(0), empty, np.zeros(0), np.zeros(0, dtype=bool)
+        rows = [self.rows[int(i)] for i in idx]
+        lr = np.stack([r[0] for r in rows]).astype(np.float32)
+        full = sam.upsample(self.emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(idx), 2, *hw)
+        scores = np.stack([r[1] for r in rows])
+        return full[:, 0], scores[:, 0], full[:, 1], scores[:, 1], np.array([r[2] for r in rows])
 
 
 class EntitySegmenter:
@@ -281,14 +310,14 @@ class EntitySegmenter:
                                  np.zeros(sum(map(len, part_logits))))
         stats.counts["parts"] = len(parts_all)
         del main, part_logits
-        gallery = self._decode_ranked(emb, point_grid(cfg.gallery_points_per_side, hw), levels=False)
+        gallery = _Gallery(self, emb, point_grid(cfg.gallery_points_per_side, hw))
         clock("mmg")
 
         # EMR split (§3.1): guides only for gallery points on a shared pixel.
         shared = cands.sum(axis=0) >= 2
         g_idx = np.flatnonzero(_on(shared, gallery.points_xy))
-        o_g, b_g = self._gallery_masks(emb, gallery, g_idx)
-        guides = select_guides(o_g, gallery.scores[g_idx, 0], b_g, gallery.scores[g_idx, 1], tau=cfg.guide_tau)
+        o_g, o_s, b_g, b_s, _ = gallery.masks(g_idx)
+        guides = select_guides(o_g, o_s, b_g, b_s, tau=cfg.guide_tau)
         split = split_overlaps(cands, cand_s, guide_masks=guides, guide_points_xy=gallery.points_xy[g_idx],
                                delta=cfg.split_delta, same_guide_iou=cfg.same_guide_iou)
         stats.counts["split"] = len(split)
@@ -300,8 +329,8 @@ class EntitySegmenter:
         involved = (sym >= cfg.merge_min_similarity).any(axis=1)
         region = split[involved].any(axis=0) if involved.any() else np.zeros(hw, dtype=bool)
         g_idx = np.flatnonzero(_on(region, gallery.points_xy))
-        o_g, b_g = self._gallery_masks(emb, gallery, g_idx)
-        gal = np.concatenate([o_g, b_g[~gallery.same[g_idx]]])
+        o_g, _, b_g, _, same = gallery.masks(g_idx)
+        gal = np.concatenate([o_g, b_g[~same]])
         entities, ent_s, _ = merge_fragments(split, cand_s, sim, gal, min_similarity=cfg.merge_min_similarity,
                                              require_adjacent=cfg.merge_require_adjacent,
                                              cover_frac=cfg.merge_cover_frac, cover_iou=cfg.merge_cover_iou)
@@ -309,6 +338,7 @@ class EntitySegmenter:
             entities, ent_s = np.zeros((0, *hw), dtype=bool), np.zeros(0)
         stats.counts["merged"] = len(entities)
         stats.covered_frac_emr = float(entities.any(axis=0).mean()) if len(entities) else 0.0
+        stats.counts["gallery_decoded"] = len(gallery.rows)
         del gallery, o_g, b_g, gal, guides
         clock("emr")
 
@@ -378,12 +408,6 @@ class EntitySegmenter:
                                                    threshold=self.sam.config.mask_threshold,
                                                    offset=cfg.stability_score_offset) >= cfg.stability_score_thresh
         return good
-
-    def _gallery_masks(self, emb: ImageEmbedding, gallery: _Ranked, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Full-size O and B masks, (n, H, W) bool each, of the gallery points ``idx``."""
-        lr = gallery.logits[idx].astype(np.float32)
-        full = self.sam.upsample(emb, lr.reshape(-1, *lr.shape[2:])).reshape(len(idx), 2, *emb.original_size)
-        return full[:, 0], full[:, 1]
 
     def _decode_best(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SAM's highest-scoring output per point: (N, H, W) bool and (N,) float64."""

@@ -9,7 +9,8 @@ import pytest
 from omnilabel.data.synthetic import render_scene
 from omnilabel.errors import InputError
 from omnilabel.models.sam_loader import load_sam
-from omnilabel.teachers.entity import EntityConfig, EntitySegmenter
+from omnilabel.ops.grid import point_grid
+from omnilabel.teachers.entity import EntityConfig, EntitySegmenter, _Gallery
 from omnilabel.teachers.sam import SamTeacher
 
 # Small grids so that the tiny SAM runs in seconds on CPU; 25 and 100 points are not multiples of the chunk.
@@ -63,14 +64,40 @@ def test_image_is_encoded_once(runs):
         assert r.stats.encoder_calls == encoder_calls == 1
 
 
-def test_decoder_calls_are_the_grid_chunks_plus_usr(runs):
+def test_decoder_calls_are_the_main_grid_the_gallery_points_used_and_usr(runs):
     c = CONFIG
-    grids = math.ceil(c.grid_points_per_side**2 / c.decoder_chunk) + math.ceil(
-        c.gallery_points_per_side**2 / c.decoder_chunk)
+    main_calls = math.ceil(c.grid_points_per_side**2 / c.decoder_chunk)
     for _, r, _ in runs:
-        prompts = r.stats.counts["usr_prompts"]
-        assert r.stats.decoder_calls_usr == math.ceil(prompts / c.decoder_chunk)
-        assert r.stats.decoder_calls == grids + r.stats.decoder_calls_usr
+        s = r.stats
+        assert s.decoder_calls_usr == math.ceil(s.counts["usr_prompts"] / c.decoder_chunk)
+        gallery_calls = s.decoder_calls - main_calls - s.decoder_calls_usr
+        decoded = s.counts["gallery_decoded"]
+        assert 0 < decoded < c.gallery_points_per_side**2  # on demand: never the whole grid here
+        # split's points in one go, then merge's new ones
+        assert math.ceil(decoded / c.decoder_chunk) <= gallery_calls <= math.ceil(decoded / c.decoder_chunk) + 1
+
+
+def test_the_gallery_decodes_a_point_once_when_asked_as_the_whole_grid_would(teacher):
+    seg = EntitySegmenter(teacher, CONFIG)
+    image, _ = render_scene(np.random.default_rng(0), size_hw=(96, 96), max_objects=4)
+    emb = teacher.encode(image)
+    pts = point_grid(CONFIG.gallery_points_per_side, (96, 96))
+    whole = seg._decode_ranked(emb, pts, levels=False)
+    gallery = _Gallery(seg, emb, pts)
+    calls = teacher.decoder_calls
+    o, o_s, b, b_s, same = gallery.masks(np.array([3, 50, 7]))
+    assert teacher.decoder_calls == calls + 1 and set(gallery.rows) == {3, 50, 7}
+    gallery.masks(np.array([50, 9]))
+    assert teacher.decoder_calls == calls + 2 and set(gallery.rows) == {3, 7, 9, 50}
+    gallery.masks(np.array([9, 3]))
+    assert teacher.decoder_calls == calls + 2
+    idx = [3, 50, 7]
+    g = whole.logits.shape[2:]
+    np.testing.assert_array_equal(o, teacher.upsample(emb, whole.logits[idx, 0].astype(np.float32).reshape(-1, *g)))
+    np.testing.assert_array_equal(b, teacher.upsample(emb, whole.logits[idx, 1].astype(np.float32).reshape(-1, *g)))
+    np.testing.assert_allclose(o_s, whole.scores[idx, 0], rtol=1e-5)
+    np.testing.assert_allclose(b_s, whole.scores[idx, 1], rtol=1e-5)
+    np.testing.assert_array_equal(same, whole.same[idx])
 
 
 def test_stats_time_every_stage(runs):
