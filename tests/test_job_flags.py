@@ -20,6 +20,7 @@ JOB_COMMANDS = {
     "train-student": ["coco.json", "-o", "run"],
     "uncertainty": ["pseudo.json", "--refiner", "r.pt"],
     "entities": ["--images", "images"],
+    "stability": ["coco.json"],
 }
 #: The job flags; a trainer writes into its run directory, so train-student's is its ``-o``, not ``--job-dir``.
 FLAGS = ["--num-workers", "--address", "--device", "--batch-size", "--job-dir", "--overwrite"]
