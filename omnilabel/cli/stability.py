@@ -51,6 +51,9 @@ def stability(
     sam: Annotated[str | None, typer.Option(
         help="Plain SAM, and the base the teachers decode on: vit_b, vit_l, vit_h or a path [default: the "
              "teachers' base, else vit_h].")] = None,
+    plain_sam: Annotated[bool, typer.Option(
+        "--plain-sam/--no-plain-sam", help="Evaluate plain SAM beside the teachers; --no-plain-sam compares the "
+                                           "teachers alone.")] = True,
     teacher: Annotated[list[Path] | None, typer.Option(
         metavar="PATH", help="A fine-tuned teacher file to compare with plain SAM; repeat for several. All "
                              "decode from one encoding of each image (a teacher holding its own encoder is encoded "
@@ -87,7 +90,7 @@ def stability(
     job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite)
     config = StabilityConfig(prompts=parse_prompt_types(prompts), k=k, noise=noise, min_box_iou=min_box_iou,
                              seed=seed)
-    models = StabilityModels(sam=sam, teachers=tuple(str(t) for t in teacher or ()))
+    models = StabilityModels(sam=sam, teachers=tuple(str(t) for t in teacher or ()), plain=plain_sam)
     target = json_out or default_output(coco, ".stability.json")
     with events("stability") as on_event:
         summary = run_stability(Dataset(coco, images, allow_outside_images), target, models, config, job,

@@ -150,13 +150,22 @@ def finetune_teacher(
              "0.7).")] = 0.7,
     class_aware: Annotated[bool, typer.Option(
         "--class-aware", help="Also train the ControlNet-style class prompt (CLIP text of each class).")] = False,
+    stable: Annotated[bool, typer.Option(
+        "--stable", help="Stable-SAM: keep all of SAM frozen and train only its ~0.08 M-parameter deformable "
+                         "sampling + dynamic routing plugins, on a mixture of GT boxes, noisy boxes, 1/3/5/10 "
+                         "points and coarse masks (--prompts is not used); Adam, lr 1e-3, 1 epoch by default. "
+                         "The file holds only the plugins (a few hundred KB); with --teacher they sit on that "
+                         "teacher's decoder.")] = False,
     clip: Annotated[str, typer.Option(help="CLIP for --class-aware: a name or a checkpoint path.")] = "clip-vit-b-32",
     clip_arch: Annotated[str | None, typer.Option(
         help="open_clip architecture of a --clip path (e.g. ViT-B-32) [default: the registry's].")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (paper: 36,874).")] = 36_874,
+    steps: Annotated[int | None, typer.Option(
+        help="Optimizer steps [default: 36,874 (paper); with --stable one epoch of the instances "
+             "(Stable-SAM)].")] = None,
     lr_drop_step: Annotated[int | None, typer.Option(
         help="Step at which the lr drops 10x [default: 75% of --steps; paper: 27,655].")] = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-5).")] = 1e-5,
+    lr: Annotated[float | None, typer.Option(
+        help="Learning rate [default: 1e-5, AdamW (paper); with --stable 1e-3, Adam (Stable-SAM)].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, prompts and point sampling.")] = 0,
     box_jitter: Annotated[bool, typer.Option(
         "--box-jitter/--no-box-jitter", help="Jitter box prompts as SAM's training does (noise of 10% of the "
@@ -181,7 +190,8 @@ def finetune_teacher(
     12,544 uncertainty-sampled points per mask, AdamW, lr 1e-5 → 1e-6 at 75% of the steps. The teacher file
     holds only what was trained and names its base SAM; use it with `omnilabel pseudomask --teacher`. The job
     directory (`OUTPUT.run` by default) holds the embedding cache, checkpoints and the loss log. Default
-    `--batch-size`: 32 instances per step (the paper's).
+    `--batch-size`: 32 instances per step (the paper's). `--stable` trains Stable-SAM's plugins instead, on a
+    frozen SAM (or on top of `--teacher`).
     """
     from omnilabel.jobs.options import Dataset
     from omnilabel.jobs.train_teacher import TeacherRecipe, run_finetune_teacher
@@ -190,21 +200,26 @@ def finetune_teacher(
 
     job = job_options(num_workers, address, device, batch_size, job_dir=job_dir, overwrite=overwrite,
                       resume=resume)
-    recipe = FinetuneConfig(prompts=parse_prompt_mode(prompts), min_iou=min_iou, class_aware=class_aware, steps=steps,
-                            lr_drop_step=lr_drop_step, lr=lr, seed=seed, box_jitter=box_jitter,
-                            train_encoder=train_encoder, checkpoint_every=checkpoint_every)
+    epochs = 1.0 if stable and steps is None else None  # Stable-SAM: 1 epoch
+    recipe = FinetuneConfig(prompts=parse_prompt_mode(prompts), min_iou=min_iou, class_aware=class_aware,
+                            steps=36_874 if steps is None else steps, lr_drop_step=lr_drop_step, lr=lr, seed=seed,
+                            box_jitter=box_jitter, train_encoder=train_encoder, checkpoint_every=checkpoint_every,
+                            stable=stable)
     target = output or default_output(coco, ".teacher.pt")
     with events("finetune-teacher") as on_event:
         summary = run_finetune_teacher(Dataset(coco, images, allow_outside_images), target, job,
                                        TeacherRecipe(recipe, sam=sam, clip=clip, clip_arch=clip_arch,
                                                      teacher=None if teacher is None else str(teacher),
-                                                     unlabeled=None if unlabeled is None else str(unlabeled)),
+                                                     unlabeled=None if unlabeled is None else str(unlabeled),
+                                                     epochs=epochs),
                                        on_event=on_event)
     rows = [("images / instances trained on", f"{summary['images']} / {summary['instances']}"),
             *([("pseudomasks (unlabelled, SUM)", str(summary["unlabeled"]))] if summary.get("unlabeled") else []),
             *([("refiner pairs kept / dropped (IoU < --min-iou)",
                 f"{summary['pairs']['kept']} / {summary['pairs']['dropped']}")] if summary.get("pairs") else []),
             ("steps (resumed from)", f"{summary['steps']} ({summary['start_step']})")]
+    if summary.get("trainable_parameters") is not None:
+        rows.append(("trainable parameters", f"{summary['trainable_parameters']:,}"))
     if summary["last"]:
         rows.append(("last loss", f"{summary['last']['loss']:.4f}"))
     rows += [("run directory", summary["run_dir"]), ("wall time", f"{summary['wall_s']:.1f} s")]

@@ -344,10 +344,13 @@ class StabilityModels:
     Attributes:
         sam: the base SAM (name or path); None: the teachers' base, else ``vit_h``.
         teachers: teacher files, each evaluated beside plain SAM.
+        plain: evaluate plain SAM too; False compares the teachers alone (then a teacher that holds its own
+            encoder needs no base SAM at all).
     """
 
     sam: str | None = None
     teachers: tuple[str, ...] = ()
+    plain: bool = True
 
 
 def model_entries(models: StabilityModels, *, device: str) -> list[ModelEntry]:
@@ -358,12 +361,15 @@ def model_entries(models: StabilityModels, *, device: str) -> list[ModelEntry]:
     """
     if len(set(map(str, models.teachers))) != len(models.teachers):
         raise InputError("--teacher: a teacher file is given twice")
+    if not models.plain and not models.teachers:
+        raise InputError("--no-plain-sam leaves no model to evaluate: give --teacher")
     base = TeacherSpec(sam=models.sam, detector="none", device=device,
                        teacher=models.teachers[0] if models.teachers else None).with_base()
     plain = TeacherSpec(sam=base.sam, detector="none", device=device)
-    entries = [ModelEntry(PLAIN_SAM, plain, model_refs(plain, load_detector=False))]
+    entries = [ModelEntry(PLAIN_SAM, plain, model_refs(plain, load_detector=False))] if models.plain else []
     for path in models.teachers:
-        spec = TeacherSpec(sam=base.sam, detector="none", device=device, teacher=str(path))
+        spec = TeacherSpec(sam=base.sam if models.plain or models.sam else None, detector="none", device=device,
+                           teacher=str(path)).with_base()
         refs = model_refs(spec, load_detector=False)
         name = model_id(str(path))
         if name in {e.name for e in entries}:

@@ -9,12 +9,17 @@ the workers share its embedding cache and checkpoints, and Ray Train's own files
 
 A worker group that fails is restarted up to twice and continues from the last checkpoint
 (``omnilabel.jobs.ray_train``); ``--resume`` does the same after the whole job was stopped.
+
+``FinetuneConfig.stable`` trains Stable-SAM's plugins on a frozen SAM (``omnilabel.teachers.stable``) and
+writes a plugin-only teacher file; with ``teacher`` the plugins sit on that fine-tuned teacher's decoder, and
+the file records it (its sha256 and absolute path) so that loading stacks the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,6 +51,8 @@ class TeacherRecipe:
             for ``prompts refine``, the teacher whose pseudomasks the refiner will refine.
         unlabeled: SUM training: a pseudomask file with uncertainty maps (``omnilabel uncertainty``), its
             images under the same ``--images``; its pseudomasks are the unlabelled half of every batch.
+        epochs: when set, the run's steps are ``ceil(epochs · instances / batch_size)`` instead of the
+            recipe's (``finetune-teacher --stable`` without ``--steps``: Stable-SAM's 1 epoch).
     """
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -54,6 +61,7 @@ class TeacherRecipe:
     clip_arch: str | None = None
     teacher: str | None = None
     unlabeled: str | None = None
+    epochs: float | None = None
 
 
 def _clip_record(clip: str, clip_arch: str | None, device: str, names: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -116,7 +124,7 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
 
     Returns:
         Summary: ``output``, ``run_dir``, ``size_mb``, ``images``, ``instances``, ``steps``, ``start_step``,
-        ``last`` (the last loss report), ``wall_s``.
+        ``trainable_parameters``, ``last`` (the last loss report), ``wall_s``.
 
     Raises:
         InputError: bad input or flags (before any model loads). CheckpointError: a model cannot be had.
@@ -140,6 +148,9 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
         pseudo = load_coco(config.unlabeled, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
         unlabeled = collect_unlabeled(pseudo, images_dir, images, map_dir=Path(config.unlabeled).parent,
                                       allow_outside_images=inputs.allow_outside_images, source=str(config.unlabeled))
+    if config.epochs is not None:
+        recipe = dataclasses.replace(recipe, steps=max(1, math.ceil(config.epochs * len(instances)
+                                                                    / recipe.batch_size)))
 
     from omnilabel.models.registry import resolve
     from omnilabel.models.sam_loader import load_sam
@@ -191,7 +202,9 @@ def run_finetune_teacher(inputs: Dataset, output: str | Path, job: JobOptions | 
                              log=paths.log, on_event=on_event)
         losses = [r for r in records if r.get("event") == "step"]
         pairs = [r for r in records if r.get("event") == "pairs"]
+        starts = [r for r in records if r.get("event") == "start"]
         result = {"steps": recipe.steps, "start_step": first, "last": losses[-1] if losses else {},
+                  "trainable_parameters": starts[-1].get("trainable_parameters") if starts else None,
                   "pairs": {"kept": pairs[-1]["kept"], "dropped": pairs[-1]["dropped"]} if pairs else None}
     _copy_atomic(paths.teacher, output)
     return {"output": str(output), "run_dir": str(paths.root), "size_mb": file_size_mb(output), "images": len(images),
@@ -202,7 +215,8 @@ def _start_teacher(path: str | None) -> tuple[Any, str | None]:
     """The teacher file a run starts from, read and hashed (``(None, None)`` without one).
 
     Raises:
-        CheckpointError: unreadable, or a kind a run cannot start from (class-aware, a refiner).
+        CheckpointError: unreadable, or a kind a run cannot start from (class-aware, a refiner, Stable-SAM
+            plugins).
     """
     if path is None:
         return None, None
@@ -215,6 +229,10 @@ def _start_teacher(path: str | None) -> tuple[Any, str | None]:
     if tf.meta.get("prompts") == "refine":
         raise CheckpointError(f"--teacher {path} is a refiner (finetune-teacher --prompts refine): start from the "
                               "teacher that makes the pseudomasks")
+    if tf.is_stable:
+        raise CheckpointError(f"--teacher {path} holds Stable-SAM plugins only: fine-tuning (and a refiner) start "
+                              "from a teacher with a decoder; to stack plugins on a fine-tuned teacher, pass that "
+                              "teacher to `finetune-teacher --stable --teacher`")
     return tf, file_sha256(tf.path)
 
 

@@ -23,6 +23,8 @@ Choices where the paper is silent:
 - Weight decay: AdamW's default, 0.01. No warm-up, no gradient clipping (none is stated).
 - The learning rate is a pure function of the step, and so is every random draw (``finetune_data``), so a
   checkpoint needs only the weights, the optimizer state and the step to resume exactly.
+``FinetuneConfig.stable`` runs Stable-SAM's recipe instead (``omnilabel.teachers.stable``): SAM frozen, only
+the DSP + DRP plugins inside its decoder train, on the RTS prompt mixture (``stable_prompts``), with Adam.
 """
 
 from __future__ import annotations
@@ -69,16 +71,23 @@ class FinetuneConfig:
             trained with ``ua_focal_weight``·UA-focal + ``ua_dice_weight``·UA-Dice (c > ``ua_theta``), their
             point prompts drawn ∝ c, and a task prompt tells GT (task 1) from pseudomasks (task 0).
         ua_theta: SUM's θ of the UA Dice (0.6). ua_focal_weight, ua_dice_weight: SUM's (SAM's) 20 : 1.
+        stable: Stable-SAM (``--stable``, ``omnilabel.teachers.stable``): every SAM weight frozen, only the DSP +
+            DRP plugins train, on prompts of the RTS mixture (``stable_prompts``; ``prompts`` and the box jitter
+            are not used); Adam (no weight decay), lr 1e-3, no drop, CE + Dice only (the IoU head is frozen and
+            unsupervised). Not with refine, class-aware, unlabelled or encoder training.
         class_aware: train the class prompt of Eq. (1)–(2) (paper: every setting but box + class).
         steps: optimizer steps (paper: 36,874 = 10 epochs of 10 % of COCO).
         lr_drop_step: step from which the lr is ``lr * lr_drop_factor`` (paper: 27,655); None = 75 % of
             ``steps``, rounded down.
-        batch_size: instances per step, over all workers (paper: 32).
-        lr: AdamW learning rate (paper: 1e-5).
-        lr_drop_factor: paper: 1e-5 → 1e-6.
-        weight_decay: AdamW's default (the paper gives none).
-        ce_weight: λ_ce (paper: 5). dice_weight: λ_dice (paper: 5).
-        iou_weight: weight of the IoU-head MSE (SAM's training; not in the paper); 0 freezes the IoU head.
+        batch_size: instances per step, over all workers (paper: 32; Stable-SAM's too).
+        lr: learning rate; None: 1e-5 (paper, AdamW), with ``stable`` 1e-3 (Stable-SAM, Adam).
+        lr_drop_factor: None: 0.1 (paper: 1e-5 → 1e-6); with ``stable`` 1.0 (Stable-SAM gives no schedule for
+            its 1 epoch) unless ``lr_drop_step`` is given.
+        weight_decay: None: AdamW's default 0.01 (the paper gives none); with ``stable`` 0 (Stable-SAM: Adam).
+        ce_weight: λ_ce (paper: 5). dice_weight: λ_dice (paper: 5). Stable-SAM's "CE + Dice" gives no weights:
+            the same 1 : 1 (Adam makes the common factor irrelevant).
+        iou_weight: weight of the IoU-head MSE (SAM's training; not in the paper); 0 freezes the IoU head;
+            None: 1, with ``stable`` 0 (Stable-SAM trains on CE + Dice only).
         num_points: points per mask for the loss (paper, after Mask2Former: 112 x 112).
         oversample_ratio: Mask2Former: 3. importance_ratio: Mask2Former: 0.75.
         box_jitter: add SAM's box noise to every box prompt (``boxes``, ``points+boxes``; nothing for
@@ -96,6 +105,7 @@ class FinetuneConfig:
     prompts: PromptMode = "points+boxes"
     min_iou: float = 0.7
     unlabeled: bool = False
+    stable: bool = False
     ua_theta: float = 0.6
     ua_focal_weight: float = 20.0
     ua_dice_weight: float = 1.0
@@ -103,12 +113,12 @@ class FinetuneConfig:
     steps: int = 36_874
     lr_drop_step: int | None = None
     batch_size: int = 32
-    lr: float = 1e-5
-    lr_drop_factor: float = 0.1
-    weight_decay: float = 0.01
+    lr: float = None  # type: ignore[assignment]  # resolved in __post_init__
+    lr_drop_factor: float = None  # type: ignore[assignment]
+    weight_decay: float = None  # type: ignore[assignment]
     ce_weight: float = 5.0
     dice_weight: float = 5.0
-    iou_weight: float = 1.0
+    iou_weight: float = None  # type: ignore[assignment]
     num_points: int = 112 * 112
     oversample_ratio: float = 3.0
     importance_ratio: float = 0.75
@@ -121,6 +131,12 @@ class FinetuneConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        defaults = {"lr": 1e-3 if self.stable else 1e-5,
+                    "lr_drop_factor": 1.0 if self.stable and self.lr_drop_step is None else 0.1,
+                    "weight_decay": 0.0 if self.stable else 0.01, "iou_weight": 0.0 if self.stable else 1.0}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         problems = []
         if self.prompts not in PROMPT_MODES:
             problems.append(f"prompts must be one of {', '.join(PROMPT_MODES)}, got {self.prompts!r}")
@@ -132,6 +148,9 @@ class FinetuneConfig:
         if not 0.0 <= self.ua_theta < 1.0 or min(self.ua_focal_weight, self.ua_dice_weight) < 0:
             problems.append(f"need 0 <= ua_theta < 1 and UA loss weights >= 0, got {self.ua_theta}, "
                             f"{self.ua_focal_weight}, {self.ua_dice_weight}")
+        if self.stable and (self.prompts == "refine" or self.class_aware or self.unlabeled or self.train_encoder):
+            problems.append("Stable-SAM (--stable) trains only its plugins on a frozen SAM, with its own prompt "
+                            "mixture: not with --prompts refine, --class-aware, --unlabeled or --train-encoder")
         if self.prompts == "refine" and (self.class_aware or self.train_encoder):
             problems.append("a refiner (prompts refine) decodes from the teacher's frozen encoder and takes no "
                             "class: it cannot be trained with --class-aware or --train-encoder")
@@ -305,8 +324,18 @@ class SamTrainable(nn.Module):
 
         Trained: the mask decoder (its IoU head only with ``iou_weight`` > 0); SAM's prompt encoder without a
         class module, else F_train, the projection and G_zero (F_locked = SAM's prompt encoder stays frozen);
-        the image encoder with ``train_encoder``.
+        the image encoder with ``train_encoder``. With ``stable``: the Stable-SAM plugins inside the decoder
+        only, every SAM weight frozen (gradients still flow through the frozen decoder into them).
         """
+        if config.stable:
+            from omnilabel.teachers.stable import plugins_of
+
+            self.requires_grad_(False)
+            plugins = plugins_of(self.mask_decoder)
+            if not list(plugins.parameters()):
+                raise ValueError("a Stable-SAM run needs the plugins installed in the mask decoder")
+            plugins.requires_grad_(True)
+            return list(plugins.parameters())
         for p in self.parameters():
             p.requires_grad_(True)
         if self.class_prompt is not None:

@@ -1,5 +1,6 @@
 """The batches of a fine-tuning step: prompts drawn from GT masks (and, for SUM, from pseudomasks with their
-certainty), refiner pairs, GT masks in SAM's input frame, cached embeddings or images.
+certainty; for Stable-SAM, from the RTS mixture), refiner pairs, GT masks in SAM's input frame, cached
+embeddings or images.
 
 What a step sees is a function of the seed and the step only (``omnilabel.teachers.finetune_data``), so it
 does not depend on the number of workers and a resumed run continues exactly.
@@ -128,10 +129,66 @@ class Batcher:
                   "groups": [group], "positions": positions}
         return inputs, torch.stack(gts), b
 
+    def _stable_step(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
+        """A step of Stable-SAM's RTS mixture (``stable_prompts``): one group per prompt shape — boxes (GT and
+        noisy), each point count (a lone point answered with SAM's 3 masks), coarse masks — each prompt drawn
+        from the generator of ``(seed, step, position)``."""
+        from omnilabel.teachers.stable_prompts import coarse_mask, mask_prompt_logits, sample_rts_prompt
+
+        cfg, dev = self.setup.config, self.device
+        assert self.cache is not None
+        positions, indices = batch_instances(step, batch_size=cfg.batch_size, n_instances=len(self.setup.instances),
+                                             seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        low_res = tuple(int(v) for v in self.sam.prompt_encoder.mask_input_size)
+        feats, gts = [], []
+        shapes: dict[tuple[str, int], list[int]] = {}
+        prompts: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]] = []
+        for j, (pos, idx) in enumerate(zip(positions, indices, strict=True)):
+            inst = self.setup.instances[int(idx)]
+            mask = decode_mask(inst)
+            f, input_size, original = self.cache.load(self.setup.images[inst.image_index].image_id)
+            feats.append(f)
+            gt = mask_in_input_frame(mask, input_size=tuple(input_size), image_size=self.image_size, device=dev)
+            gts.append(gt)
+            rng = np.random.default_rng([cfg.seed, step, int(pos)])
+            prompt = sample_rts_prompt(mask, rng)
+            points = box = logits = None
+            if prompt.points_xy is not None:
+                points = self.transform.apply_coords(prompt.points_xy, tuple(original))
+            if prompt.box_xyxy is not None:
+                box = self.transform.apply_boxes(prompt.box_xyxy[None], tuple(original))[0]
+            if prompt.kind == "mask":
+                gt_low = torch.nn.functional.adaptive_avg_pool2d(gt.cpu()[None], low_res)[0, 0]
+                logits = mask_prompt_logits(coarse_mask(gt_low, rng))
+            key = ("points", len(points)) if points is not None else ("box", 0) if box is not None else ("mask", 0)
+            shapes.setdefault(key, []).append(j)
+            prompts.append((points, box, logits))
+        groups = []
+        for (kind, k), rows in sorted(shapes.items()):
+            index = torch.as_tensor(rows, device=dev)
+            group: dict[str, Any] = {"index": index, "points": None, "labels": None, "boxes": None, "masks": None,
+                                     "text": None, "multimask": kind == "points" and k == 1, "task": None}
+            if kind == "points":
+                group["points"] = torch.as_tensor(np.stack([prompts[r][0] for r in rows]), dtype=torch.float32,
+                                                  device=dev)
+                group["labels"] = torch.ones((len(rows), k), dtype=torch.int, device=dev)
+            elif kind == "box":
+                group["boxes"] = torch.as_tensor(np.stack([prompts[r][1] for r in rows]), dtype=torch.float32,
+                                                 device=dev)
+            else:
+                group["masks"] = torch.as_tensor(np.stack([prompts[r][2] for r in rows]), dtype=torch.float32,
+                                                 device=dev)[:, None]
+            groups.append(group)
+        inputs = {"features": torch.stack(feats).to(dev, torch.float32), "images": None, "image_index": None,
+                  "groups": groups, "positions": positions}
+        return inputs, torch.stack(gts), len(positions)
+
     def __call__(self, step: int) -> tuple[dict[str, Any], torch.Tensor, int]:
         """``(model inputs + "positions" (b,) global batch positions, gt (b, 1, S, S), b)`` of step ``step``."""
         if self.pairs is not None:
             return self._refine_step(step)
+        if self.setup.config.stable:
+            return self._stable_step(step)
         cfg, dev = self.setup.config, self.device
         if cfg.unlabeled:
             positions, unlabeled, indices = mixed_batch_instances(

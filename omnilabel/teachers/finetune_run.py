@@ -7,7 +7,7 @@ The run directory, shared by every worker (on a cluster it must be on storage ev
       embeddings/<sha[:16]>/     one <image_id>.pt per image, keyed by the encoder's sha256
       checkpoints/last.pt        weights, optimizer state and step of the last checkpoint
       log.jsonl                  one line per loss report
-      teacher.pt                 the finished teacher file
+      teacher.pt                 the finished teacher file (plugins only for ``--stable``)
 
 Rank r encodes the images ``i % world_size == r`` that the cache lacks, then all ranks wait for each other.
 A run that finds ``checkpoints/last.pt`` continues from it: weights, AdamW state and step are restored, and
@@ -43,7 +43,7 @@ from omnilabel.teachers.finetune_data import (
     TrainImage,
     TrainInstance,
 )
-from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
+from omnilabel.teachers.teacher_ckpt import STABLE_VERSION, TEACHER_FORMAT, TEACHER_VERSION, state_dict_sha256
 from omnilabel.teachers.uncertainty import PairSet, build_refine_pairs, pair_dir_key
 
 if TYPE_CHECKING:
@@ -147,6 +147,12 @@ def _build_model(setup: FinetuneSetup, sam: Sam, device: torch.device) -> SamTra
             torch.manual_seed(cfg.seed)
             class_prompt = ClassAwarePrompt(sam.prompt_encoder, text_dim=int(setup.class_text.shape[1]))
     task_prompt = TaskPrompt(int(sam.prompt_encoder.embed_dim)) if cfg.unlabeled else None
+    if cfg.stable:  # the plugins go inside SAM's decoder, so both decode paths use them
+        from omnilabel.teachers.stable import install_stable
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            install_stable(sam.mask_decoder)
     return SamTrainable(sam, class_prompt=class_prompt, train_encoder=cfg.train_encoder,
                         task_prompt=task_prompt).to(device)
 
@@ -155,8 +161,10 @@ def _teacher_file(setup: FinetuneSetup, model: SamTrainable, sam: Sam, arch: dic
                   step: int) -> dict[str, Any]:
     """The teacher file's contents. It holds the image encoder when it trained it, and when it started from a
     teacher that holds its own (so it loads on its own as its start does); a refiner never does: it always
-    decodes beside the teacher it refines."""
+    decodes beside the teacher it refines. A Stable-SAM file holds the plugins only."""
     cfg = setup.config
+    if cfg.stable:
+        return _stable_file(setup, model, arch, step)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with_encoder = cfg.train_encoder or (setup.start_encoder_included and cfg.prompts != "refine")
     if with_encoder and model.image_encoder is None:
@@ -173,6 +181,25 @@ def _teacher_file(setup: FinetuneSetup, model: SamTrainable, sam: Sam, arch: dic
             "clip": setup.clip, "config": cfg.to_dict(), "state": state}
 
 
+def _stable_file(setup: FinetuneSetup, model: SamTrainable, arch: dict[str, Any], step: int) -> dict[str, Any]:
+    """A plugin-only teacher file (``teacher_ckpt``'s module docstring): the plugins, the checksum of the
+    decoder they were trained on, and the start teacher they sit on (when there is one)."""
+    from omnilabel.teachers.stable import StableConfig, decoder_sha256, plugins_of
+
+    plugins = plugins_of(model.mask_decoder)
+    state = {f"stable.{k}": v.detach().cpu().clone() for k, v in plugins.state_dict().items()}
+    start = None if setup.start_teacher is None else {"id": Path(setup.start_teacher).name,
+                                                      "sha256": setup.start_teacher_sha256,
+                                                      "source": setup.start_teacher}
+    return {"format": TEACHER_FORMAT, "version": STABLE_VERSION, "prompts": "stable", "class_aware": False,
+            "step": step, "start": start,
+            "base": {"id": setup.base_id, "source": setup.base_source, "encoder_sha256": setup.base_encoder_sha256},
+            "encoder_sha256": setup.base_encoder_sha256, "encoder_included": False, "decoder_included": False,
+            "decoder_sha256": decoder_sha256(model.prompt_encoder, model.mask_decoder),
+            "stable": {**StableConfig().to_dict(), "parameters": sum(p.numel() for p in plugins.parameters())},
+            "arch": arch, "clip": None, "config": setup.config.to_dict(), "state": state}
+
+
 def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
                  on_event: OnEvent | None = None) -> dict[str, Any]:
     """Run (or continue) the fine-tuning as one worker; with ``world_size`` > 1 the process group must exist.
@@ -181,12 +208,12 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         setup: the run.
         rank: this worker's rank. world_size: number of workers (DDP when > 1).
         device: torch device string of this worker.
-        on_event: rank 0 calls it with what it appends to the log: ``{"event": "start", "step", "total_steps"}``
-            once, then each loss report ``{"event": "step", "step", "total_steps", "lr", "loss", "mask_loss",
-            "iou_loss", "seconds_per_step"}``, after any checkpoint of that step is written.
+        on_event: rank 0 calls it with what it appends to the log: ``{"event": "start", "step", "total_steps",
+            "trainable_parameters"}`` once, then each loss report ``{"event": "step", "step", "total_steps", "lr",
+            "loss", "mask_loss", "iou_loss", "seconds_per_step"}``, after any checkpoint of that step is written.
 
     Returns:
-        ``{"steps", "start_step", "encoded", "last": the last report}``.
+        ``{"steps", "start_step", "encoded", "trainable_parameters", "last": the last report}``.
 
     Raises:
         JobError: the checkpoint in the run directory belongs to another run.
@@ -219,7 +246,11 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         pairs = PairSet.read(pair_dir, setup.images, min_iou=cfg.min_iou)
     model = _build_model(setup, sam, dev)
     params = model.freeze_for(cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.stable:  # Stable-SAM: Adam
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = sum(p.numel() for p in params)
     start = 0
     if paths.state.is_file():
         state = torch.load(paths.state, map_location=dev, weights_only=True)
@@ -246,7 +277,7 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
 
     if pairs is not None:
         log({"event": "pairs", "kept": len(pairs), "dropped": pairs.dropped, "min_iou": cfg.min_iou})
-    log({"event": "start", "step": start, "total_steps": cfg.steps})
+    log({"event": "start", "step": start, "total_steps": cfg.steps, "trainable_parameters": trainable})
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         if not _distributed(world_size):
@@ -297,7 +328,8 @@ def train_worker(setup: FinetuneSetup, *, rank: int = 0, world_size: int = 1, de
         save_torch_atomic(_teacher_file(setup, model, sam, arch, cfg.steps), paths.teacher)
     if _distributed(world_size):
         torch.distributed.barrier()
-    return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "last": last,
+    return {"steps": cfg.steps, "start_step": start, "encoded": encoded, "trainable_parameters": trainable,
+            "last": last,
             "pairs": None if pairs is None else {"kept": len(pairs), "dropped": pairs.dropped}}
 
 

@@ -11,6 +11,12 @@ teachers in one mixed run are ``teacher_box = box-SAM, teacher_point = P-SAM, te
 Every teacher decodes from the one image encoder of the job (the base SAM's, or that of a teacher trained
 with ``--train-encoder``, which then must be the same for all), so each image is still encoded once; a
 teacher trained on another encoder is refused.
+
+A Stable-SAM file (``finetune-teacher --stable``) holds plugins only and takes any role like a decoder
+teacher: its plugins go into a copy of the decoder they were trained on, the base SAM's or the fine-tuned
+teacher's it records (``teacher_ckpt.attach_teacher``). That start teacher is read when the models load, from
+the path the file records (or beside it), so on a cluster it must be at that path on every node, like the
+teacher files themselves.
 """
 
 from __future__ import annotations
@@ -146,8 +152,20 @@ def check_role(role: str, tf: TeacherFile) -> None:
 
 
 def _encoder_file(files: dict[str, TeacherFile]) -> TeacherFile | None:
-    """The first teacher (in ``ROLES`` order) that holds its image encoder, if any."""
-    return next((tf for tf in files.values() if tf.encoder_included), None)
+    """The first teacher (in ``ROLES`` order) that holds its image encoder, if any; for Stable-SAM plugins
+    stacked on a teacher that holds its encoder, that teacher."""
+    from omnilabel.teachers.teacher_ckpt import read_teacher
+
+    for tf in files.values():
+        if tf.encoder_included:
+            return tf
+        if tf.is_stable and tf.meta.get("start"):
+            from omnilabel.teachers.stable import start_file
+
+            start = read_teacher(start_file(tf))
+            if start.encoder_included:
+                return start
+    return None
 
 
 def model_refs(spec: TeacherSpec, *, load_detector: bool, load_classifier: bool = False) -> dict[str, WeightRef]:
