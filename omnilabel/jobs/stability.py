@@ -64,6 +64,7 @@ from omnilabel.ops.stability import (
     instance_rng,
 )
 from omnilabel.teachers.loading import TeacherSpec, model_id, model_refs, resolve_refs
+from omnilabel.teachers.teacher_ckpt import read_teacher
 
 #: Images per shard (``--batch-size``).
 DEFAULT_SHARD_SIZE = 8
@@ -206,7 +207,8 @@ class ModelEntry:
     Attributes:
         name: its key in the results (``sam`` for plain SAM, else the teacher's file name).
         spec: what ``load_teachers`` loads (the teacher as ``teacher``). refs: ``model_refs(spec)``.
-        encoder: which image encoder it decodes from: ``base``, or the name of a teacher holding its own.
+        encoder: which image encoder it decodes from: ``base``, or the encoder sha256 of a teacher that holds
+            its own (or is stacked on one that does).
     """
 
     name: str
@@ -216,34 +218,12 @@ class ModelEntry:
 
 
 def _decode(sam: Any, emb: Any, prompts: np.ndarray, category_ids: np.ndarray) -> np.ndarray:
-    """(n, H, W) bool masks of n prompts of one type: boxes (n, 4) or clicks (n, N, 2).
-
-    Boxes and single clicks go through ``SamTeacher.predict`` (a lone click: best of SAM's 3 by predicted IoU).
-    Several clicks per prompt, which ``predict`` does not take, go through the same decoder entry point it uses,
-    single output, ``max_prompts_per_call`` prompts at a time.
-    """
-    import torch
-
-    from omnilabel.teachers.sam import PromptBatch
-
+    """(n, H, W) bool masks of n prompts of one type: boxes (n, 4) or clicks (n, N, 2), through
+    ``SamTeacher.predict`` (a lone click: the best of SAM's 3 by predicted IoU; several: SAM's single output)."""
     data = {"category_ids": category_ids}
     if prompts.ndim == 2:
         return sam.predict(emb, boxes_xyxy=prompts, prompt_data=data).masks
-    if prompts.shape[1] == 1:
-        return sam.predict(emb, points_xy=prompts[:, 0], prompt_data=data).masks
-    n, n_clicks = prompts.shape[:2]
-    h, w = emb.original_size
-    masks = np.zeros((n, h, w), dtype=bool)
-    step = sam.config.max_prompts_per_call
-    for start in range(0, n, step):
-        idx = np.arange(start, min(start + step, n))
-        xy = sam.transform.apply_coords(prompts[idx], emb.original_size)
-        batch = PromptBatch(indices=idx, points=torch.as_tensor(xy, dtype=torch.float, device=sam.device),
-                            point_labels=torch.ones((len(idx), n_clicks), dtype=torch.int, device=sam.device),
-                            boxes=None, mask_logits=None, data={"category_ids": category_ids[idx]})
-        low_res, _ = sam._run_decoder(emb, batch, multimask=False)
-        masks[idx] = sam.upsample(emb, low_res[:, 0])
-    return masks
+    return sam.predict(emb, points_xy=prompts[:, 0] if prompts.shape[1] == 1 else prompts, prompt_data=data).masks
 
 
 class StabilityWorker:
@@ -374,8 +354,10 @@ def model_entries(models: StabilityModels, *, device: str) -> list[ModelEntry]:
         name = model_id(str(path))
         if name in {e.name for e in entries}:
             name = str(path)
-        # model_refs names no base SAM exactly when the teacher file holds its own encoder
-        entries.append(ModelEntry(name, spec, refs, encoder="base" if "sam" in refs else name))
+        # model_refs names no base SAM exactly when the teacher decodes from an encoder of its own (or of the
+        # teacher it is stacked on); teachers with the same such encoder share one encoding
+        encoder = "base" if "sam" in refs else read_teacher(path).encoder_sha256
+        entries.append(ModelEntry(name, spec, refs, encoder=encoder))
     return entries
 
 

@@ -135,15 +135,17 @@ class PromptBatch:
     @property
     def multimask_candidate(self) -> bool:
         """A single point with neither box nor mask: the ambiguous prompt SAM answers with 3 masks."""
-        return self.points is not None and self.boxes is None and self.mask_logits is None
+        return (self.points is not None and self.points.shape[1] == 1 and self.boxes is None
+                and self.mask_logits is None)
 
 
 def _present_rows(arr: np.ndarray | None, n: int, name: str) -> np.ndarray:
     """Rows that hold a prompt: all finite. All-NaN rows hold none; anything else is an error."""
     if arr is None:
         return np.zeros(n, dtype=bool)
-    finite = np.isfinite(arr).all(axis=1)
-    partial = ~finite & ~np.isnan(arr).all(axis=1)
+    flat = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:])))
+    finite = np.isfinite(flat).all(axis=1)
+    partial = ~finite & ~np.isnan(flat).all(axis=1)
     if partial.any():
         raise InputError(
             f"{name}: rows must be all finite (a prompt) or all NaN (no prompt)",
@@ -293,7 +295,8 @@ class SamTeacher:
 
         Args:
             emb: output of ``encode`` for the image.
-            points_xy: (N, 2) float pixel xy in the original image, NaN rows for none.
+            points_xy: (N, 2) float pixel xy in the original image, NaN rows for none; or (N, k, 2), k positive
+                clicks per prompt (a prompt of several clicks gets SAM's single output).
             boxes_xyxy: (N, 4) float pixel xyxy in the original image, NaN rows for none.
             mask_logits: (N, 4g, 4g) float low-res logits (e.g. a previous ``SamOutput.low_res_logits``).
             prompt_data: per-prompt columns (length N) handed, sliced, to ``encode_prompts`` as
@@ -441,8 +444,8 @@ class SamTeacher:
         bxs = None if boxes_xyxy is None else np.asarray(boxes_xyxy, dtype=np.float64)
         mlg = None if mask_logits is None else np.asarray(mask_logits, dtype=np.float32)
         problems = []
-        if pts is not None and (pts.ndim != 2 or pts.shape[1] != 2):
-            problems.append(f"points_xy: expected shape (N, 2), got {pts.shape}")
+        if pts is not None and (pts.ndim not in (2, 3) or pts.shape[-1] != 2 or 0 in pts.shape[1:]):
+            problems.append(f"points_xy: expected shape (N, 2) or (N, k, 2), got {pts.shape}")
         if bxs is not None and (bxs.ndim != 2 or bxs.shape[1] != 4):
             problems.append(f"boxes_xyxy: expected shape (N, 4), got {bxs.shape}")
         grid = tuple(self.sam.prompt_encoder.mask_input_size)
@@ -476,8 +479,8 @@ class SamTeacher:
                 points = labels = boxes = masks = None
                 if kind_pt:
                     xy = self.transform.apply_coords(pts[idx], emb.original_size)  # type: ignore[index]
-                    points = torch.as_tensor(xy, dtype=torch.float, device=self.device)[:, None, :]
-                    labels = torch.ones((len(idx), 1), dtype=torch.int, device=self.device)
+                    points = torch.as_tensor(xy, dtype=torch.float, device=self.device).reshape(len(idx), -1, 2)
+                    labels = torch.ones(points.shape[:2], dtype=torch.int, device=self.device)
                 if kind_box:
                     xyxy = self.transform.apply_boxes(bxs[idx], emb.original_size)  # type: ignore[index]
                     boxes = torch.as_tensor(xyxy, dtype=torch.float, device=self.device)

@@ -31,7 +31,7 @@ from omnilabel.jobs.stability import (
 from omnilabel.models.sam_loader import load_sam
 from omnilabel.ops.masks import mask_iou
 from omnilabel.ops.stability import PromptType, draw_prompts, instance_rng, stability_score
-from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, state_dict_sha256
+from omnilabel.teachers.teacher_ckpt import TEACHER_FORMAT, read_teacher, state_dict_sha256
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 K = 3
@@ -208,7 +208,8 @@ def test_the_shipped_teacher_is_accurate_with_its_box_and_steadier_with_more_cli
                         StabilityModels(str(tiny_sam_path), (str(EXAMPLES / "teacher" / "shapes-sam.pt"),)),
                         StabilityConfig(prompts=(PromptType.BOX, PromptType.POINT_1, PromptType.POINTS_5), k=8))
     teacher, plain = got["results"]["shapes-sam.pt"], got["results"]["sam"]
-    assert got["encoder_calls"] == 2 and [m["encoder"] for m in got["models"]] == ["base", "shapes-sam.pt"]
+    own = read_teacher(EXAMPLES / "teacher" / "shapes-sam.pt").encoder_sha256
+    assert got["encoder_calls"] == 2 and [m["encoder"] for m in got["models"]] == ["base", own]
     assert teacher["box"]["miou"] > 70 and teacher["box"]["mbiou"] > 50
     assert plain["box"]["miou"] < 30  # an untrained SAM
     assert teacher["1-point"]["msf"] < teacher["5-points"]["msf"]

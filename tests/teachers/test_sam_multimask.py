@@ -170,3 +170,18 @@ def test_point_grid_equals_automatic_mask_generator_scaling(sam):
 def test_point_grid_rejects_bad_input(n, size_hw):
     with pytest.raises(InputError):
         point_grid(n, size_hw)
+
+
+def test_a_prompt_of_several_clicks_decodes_as_segment_anything_does(tiny_sam_path):
+    """``predict`` with (N, k, 2) clicks equals SamPredictor given the same k positive clicks, single output."""
+    sam = load_sam(tiny_sam_path)
+    teacher, predictor = SamTeacher(sam), SamPredictor(sam)
+    image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    emb = teacher.encode(image)
+    predictor.set_image(image)
+    clicks = np.array([[[10.5, 20.5], [30.5, 40.5], [50.0, 12.0]], [[60.0, 60.0], [5.0, 5.0], [80.0, 30.0]]])
+    out = teacher.predict(emb, points_xy=clicks)
+    for i in range(len(clicks)):
+        masks, scores, _ = predictor.predict(point_coords=clicks[i], point_labels=np.ones(3), multimask_output=False)
+        np.testing.assert_array_equal(out.masks[i], masks[0])
+        assert out.iou_scores[i] == pytest.approx(scores[0], abs=1e-5)
