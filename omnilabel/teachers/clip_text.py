@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from omnilabel.errors import CheckpointError
 
-__all__ = ["PROMPT_TEMPLATE", "ClipTextEncoder"]
+__all__ = ["PROMPT_TEMPLATE", "ClipTextEncoder", "load_open_clip"]
 
 #: The text each class name is wrapped in. The paper does not give CLIP's prompt; this is CLIP's own
 #: zero-shot template, the one its users expect.
@@ -72,24 +73,8 @@ class ClipTextEncoder:
             CheckpointError: unknown architecture, a missing checkpoint, or a checkpoint whose keys or shapes
                 do not match the architecture.
         """
-        import open_clip
-
-        from omnilabel.models.registry import resolve
-
-        path = resolve(name_or_path, kind="clip", allow_download=allow_download)
-        if not path.is_file():
-            raise CheckpointError(f"CLIP checkpoint {path} is not a file")
-        model_name = _register_model_name(model_name)
-        try:
-            # weights_only: the checkpoint is read as tensors only, never as arbitrary pickled objects.
-            model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True, device="cpu")
-        except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as exc:
-            # open_clip reports shape mismatches as RuntimeError, some as AssertionError.
-            raise CheckpointError(
-                f"could not load CLIP checkpoint {path} as open_clip model {model_name!r}: {exc}"
-            ) from exc
+        model, tokenizer = load_open_clip(name_or_path, model_name=model_name, allow_download=allow_download)
         model.visual = torch.nn.Identity()
-        tokenizer = open_clip.get_tokenizer(model_name)
         return cls(model, tokenizer, device=device)
 
     @property
@@ -163,3 +148,29 @@ def _text_width(model: torch.nn.Module, tokenizer, device: torch.device) -> int:
         return int(text.output_dim)
     with torch.inference_mode():
         return int(model.encode_text(tokenizer([""]).to(device)).shape[-1])
+
+
+def load_open_clip(name_or_path: str | os.PathLike[str], *, model_name: str = "ViT-B-32",
+                   allow_download: bool = True) -> tuple[torch.nn.Module, Any]:
+    """An ``open_clip`` model (both towers, on the CPU) and its tokenizer, from a checkpoint file or a registry
+    name (``ClipTextEncoder.from_pretrained`` for the arguments).
+
+    Raises:
+        CheckpointError: unknown architecture, a missing checkpoint, or keys or shapes that do not match.
+    """
+    import open_clip
+
+    from omnilabel.models.registry import resolve
+
+    path = resolve(name_or_path, kind="clip", allow_download=allow_download)
+    if not path.is_file():
+        raise CheckpointError(f"CLIP checkpoint {path} is not a file")
+    model_name = _register_model_name(model_name)
+    try:
+        # weights_only: the checkpoint is read as tensors only, never as arbitrary pickled objects.
+        model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True, device="cpu")
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as exc:
+        # open_clip reports shape mismatches as RuntimeError, some as AssertionError.
+        raise CheckpointError(
+            f"could not load CLIP checkpoint {path} as open_clip model {model_name!r}: {exc}") from exc
+    return model, open_clip.get_tokenizer(model_name)

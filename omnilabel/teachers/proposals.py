@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnilabel.errors import CheckpointError, InputError
+from omnilabel.errors import InputError
 from omnilabel.instances import Instances
 from omnilabel.io import read_json
 from omnilabel.ops.boxes import masks_to_boxes_xyxy
@@ -206,21 +206,10 @@ class ClipImageClassifier:
         Raises:
             CheckpointError: unknown architecture, a missing checkpoint, or keys or shapes that do not match.
         """
-        import open_clip
+        from omnilabel.teachers.clip_text import load_open_clip
 
-        from omnilabel.models.registry import resolve
-        from omnilabel.teachers.clip_text import _register_model_name
-
-        path = resolve(name_or_path, kind="clip", allow_download=allow_download)
-        if not path.is_file():
-            raise CheckpointError(f"CLIP checkpoint {path} is not a file")
-        model_name = _register_model_name(model_name)
-        try:
-            model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True, device="cpu")
-        except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as exc:
-            raise CheckpointError(
-                f"could not load CLIP checkpoint {path} as open_clip model {model_name!r}: {exc}") from exc
-        return cls(model, open_clip.get_tokenizer(model_name), device=device)
+        model, tokenizer = load_open_clip(name_or_path, model_name=model_name, allow_download=allow_download)
+        return cls(model, tokenizer, device=device)
 
     @property
     def fill_rgb(self) -> tuple[float, float, float]:
