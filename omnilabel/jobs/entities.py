@@ -32,7 +32,7 @@ from omnilabel.io import atomic_path, file_sha256, text_sha256
 from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.merge import merge_shards
 from omnilabel.jobs.options import JobOptions
-from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, run_unfinished_shards
+from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, per_image, run_unfinished_shards
 from omnilabel.models.registry import WeightRef
 from omnilabel.teachers.entity import EntityConfig
 from omnilabel.teachers.loading import TeacherSpec, model_id, model_refs, model_source, resolve_refs
@@ -89,15 +89,7 @@ class EntityWorker:
 
     def __call__(self, tasks: list[EntityTask]) -> list[dict[str, Any]]:
         """One record per task: ``image_id``, ``annotations``, ``counts``, ``seconds``; or ``error``."""
-        from omnilabel.data.images import read_image_rgb
-
-        records = []
-        for task in tasks:
-            try:
-                records.append(self._segment(read_image_rgb(task.path), task))
-            except (InputError, MemoryError) as e:
-                records.append({"image_id": task.image_id, "file_name": task.path, "error": str(e)})
-        return records
+        return per_image(tasks, self._segment)
 
     def _segment(self, image: np.ndarray, task: EntityTask) -> dict[str, Any]:
         from omnilabel.ops.masks import masks_to_rle, rle_area, rle_to_bbox_xywh

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ def write_errors(lines: list[str], path: str | Path | None) -> None:
         path.write_text("\n".join(lines) + "\n")
     else:
         path.unlink(missing_ok=True)
+
+
+def finished_records(job: JobDir, n_shards: int, errors: list[str]) -> Iterator[dict[str, Any]]:
+    """The records of shards ``0..n_shards-1`` in order, one line in memory at a time; a failed image's record is
+    not yielded but appended to ``errors`` as the JSON line ``errors.jsonl`` holds (``write_errors``)."""
+    for shard in range(n_shards):
+        for rec in job.read_shard(shard):
+            if rec.get("error"):
+                errors.append(dump_json({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
+            else:
+                yield rec
 
 
 def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: str | Path,
@@ -57,21 +69,17 @@ def merge_shards(job: JobDir, n_shards: int, *, header: dict[str, Any], output: 
                 f.write(f"{dump_json(key)}:{dump_json(value)},")
         f.write('"annotations":[')
         first = True
-        for shard in range(n_shards):
-            for rec in job.read_shard(shard):
-                n_images += 1
-                if rec.get("error"):
-                    n_errors += 1
-                    err_lines.append(dump_json({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
-                                            "error": rec["error"]}))
-                    continue
-                counts.update(rec.get("counts", {}))
-                seconds.update(rec.get("seconds", {}))
-                for ann in rec["annotations"]:
-                    ann = {"id": next_id, "image_id": rec["image_id"], **ann}
-                    next_id += 1
-                    f.write(("" if first else ",") + dump_json(ann))
-                    first = False
+        for rec in finished_records(job, n_shards, err_lines):
+            n_images += 1
+            counts.update(rec.get("counts", {}))
+            seconds.update(rec.get("seconds", {}))
+            for ann in rec["annotations"]:
+                ann = {"id": next_id, "image_id": rec["image_id"], **ann}
+                next_id += 1
+                f.write(("" if first else ",") + dump_json(ann))
+                first = False
+        n_errors = len(err_lines)
+        n_images += n_errors
         f.write("]}")
         f.flush()
         os.fsync(f.fileno())

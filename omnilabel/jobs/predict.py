@@ -27,7 +27,7 @@ from omnilabel.errors import InputError
 from omnilabel.events import OnEvent
 from omnilabel.io import atomic_path, file_sha256, text_sha256, write_json_atomic
 from omnilabel.jobs.jobdir import JobDir
-from omnilabel.jobs.merge import write_errors
+from omnilabel.jobs.merge import finished_records, write_errors
 from omnilabel.jobs.options import JobOptions
 from omnilabel.jobs.runner import (
     Executor,
@@ -74,16 +74,13 @@ def merge_results(job: JobDir, n_shards: int, *, output: Path, errors_path: Path
     errors: list[str] = []
     with atomic_path(output) as tmp, open(tmp, "w") as f:
         f.write("[")
-        for shard in range(n_shards):
-            for rec in job.read_shard(shard):
-                n_images += 1
-                if rec.get("error"):
-                    n_errors += 1
-                    errors.append(json.dumps({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
-                    continue
-                for result in rec["results"]:
-                    f.write(("," if n_preds else "") + json.dumps(result, separators=(",", ":")))
-                    n_preds += 1
+        for rec in finished_records(job, n_shards, errors):
+            n_images += 1
+            for result in rec["results"]:
+                f.write(("," if n_preds else "") + json.dumps(result, separators=(",", ":")))
+                n_preds += 1
+        n_errors = len(errors)
+        n_images += n_errors
         f.write("]\n")
         write_errors(errors, errors_path)
         check_not_all_failed(n_images, n_errors, errors_path=errors_path)

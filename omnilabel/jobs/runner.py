@@ -160,3 +160,18 @@ def run_shards_in_process(worker_factory: Callable[..., Callable[[list[T]], list
     worker = worker_factory(*worker_args)
     for index in sorted(shards):
         yield index, worker(shards[index])
+
+
+def per_image(tasks: Sequence[T], work: Callable[[Any, T], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per task of a per-image worker: ``work(image_rgb, task)``, or, for an image that is missing,
+    unreadable, bad (``InputError``) or too large (``MemoryError``), ``{"image_id", "file_name", "error"}`` and
+    the shard goes on. Tasks have ``image_id`` and ``path``."""
+    from omnilabel.data.images import read_image_rgb
+
+    records = []
+    for task in tasks:
+        try:
+            records.append(work(read_image_rgb(task.path), task))  # type: ignore[attr-defined]
+        except (InputError, MemoryError) as e:
+            records.append({"image_id": task.image_id, "file_name": task.path, "error": str(e)})  # type: ignore[attr-defined]
+    return records

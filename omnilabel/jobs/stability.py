@@ -31,7 +31,6 @@ measure its encoder as well). A decoder-only teacher of another base is refused 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,13 +45,14 @@ from omnilabel.errors import InputError
 from omnilabel.events import OnEvent
 from omnilabel.io import file_sha256, text_sha256, write_json_atomic
 from omnilabel.jobs.jobdir import JobDir
-from omnilabel.jobs.merge import write_errors
+from omnilabel.jobs.merge import finished_records, write_errors
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import (
     Executor,
     check_images_exist,
     check_not_all_failed,
     executor_for,
+    per_image,
     run_unfinished_shards,
 )
 from omnilabel.models.registry import WeightRef
@@ -252,15 +252,7 @@ class StabilityWorker:
     def __call__(self, tasks: Sequence[StabilityTask]) -> list[dict[str, Any]]:
         """One record per task: ``image_id``, ``instances`` ([{``id``, ``scores``: model → type →
         [Σ IoU, Σ boundary IoU, stability score or None, prompts]}]), ``counts``, ``seconds``; or ``error``."""
-        from omnilabel.data.images import read_image_rgb
-
-        records = []
-        for task in tasks:
-            try:
-                records.append(self._score(read_image_rgb(task.path), task))
-            except (InputError, MemoryError) as e:
-                records.append({"image_id": task.image_id, "file_name": task.path, "error": str(e)})
-        return records
+        return per_image(tasks, self._score)
 
     def _score(self, image: np.ndarray, task: StabilityTask) -> dict[str, Any]:
         from omnilabel.eval.miou import boundary_width_px
@@ -445,21 +437,18 @@ def _merge(jobdir: JobDir, n_shards: int, entries: Sequence[ModelEntry], config:
     errors: list[str] = []
     n_images = n_instances = n_empty = encoder_calls = 0
     seconds: dict[str, float] = {}
-    for shard in range(n_shards):
-        for rec in jobdir.read_shard(shard):
-            n_images += 1
-            if rec.get("error"):
-                errors.append(json.dumps({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
-                continue
-            n_instances += rec["counts"]["instances"]
-            n_empty += rec["counts"]["empty_masks"]
-            encoder_calls += rec["counts"]["encoder_calls"]
-            for k, v in rec["seconds"].items():
-                seconds[k] = seconds.get(k, 0.0) + v
-            for inst in rec["instances"]:
-                for name, by_type in inst["scores"].items():
-                    for ptype, (iou, biou, sf, n) in by_type.items():
-                        sums[name][ptype] += [iou, biou, sf or 0.0, sf is not None, n]
+    for rec in finished_records(jobdir, n_shards, errors):
+        n_images += 1
+        n_instances += rec["counts"]["instances"]
+        n_empty += rec["counts"]["empty_masks"]
+        encoder_calls += rec["counts"]["encoder_calls"]
+        for k, v in rec["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        for inst in rec["instances"]:
+            for name, by_type in inst["scores"].items():
+                for ptype, (iou, biou, sf, n) in by_type.items():
+                    sums[name][ptype] += [iou, biou, sf or 0.0, sf is not None, n]
+    n_images += len(errors)
     write_errors(errors, errors_path)
     check_not_all_failed(n_images, len(errors), errors_path=errors_path)
 

@@ -35,13 +35,14 @@ from omnilabel.errors import CheckpointError, InputError
 from omnilabel.events import OnEvent, emit
 from omnilabel.io import file_sha256, write_json_atomic
 from omnilabel.jobs.jobdir import JobDir
-from omnilabel.jobs.merge import write_errors
+from omnilabel.jobs.merge import finished_records, write_errors
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import (
     Executor,
     check_images_exist,
     check_not_all_failed,
     executor_for,
+    per_image,
     run_unfinished_shards,
 )
 from omnilabel.models.registry import WeightRef
@@ -141,17 +142,8 @@ class UncertaintyWorker:
         """One record per task: ``image_id`` and ``annotations`` ([{``id``, ``uncertainty``,
         ``uncertainty_mean``}]), or ``error`` for an image that is missing, unreadable or does not decode to
         its stored masks."""
-        from omnilabel.data.images import read_image_rgb
-
-        records = []
-        for task in tasks:
-            try:
-                scored = self._score(read_image_rgb(task.path), task)
-            except (InputError, MemoryError) as e:
-                records.append({"image_id": task.image_id, "file_name": task.path, "error": str(e)})
-                continue
-            records.append({"image_id": task.image_id, "annotations": scored})
-        return records
+        return per_image(tasks, lambda image, task: {"image_id": task.image_id,
+                                                     "annotations": self._score(image, task)})
 
     def _sam(self, role: str) -> Any:
         t = self.teachers
@@ -310,19 +302,15 @@ def _merge(jobdir: JobDir, n_shards: int, data: dict[str, Any], *, output: Path,
            refiner: dict[str, Any]) -> dict[str, Any]:
     """Write the input with the shards' scores (``omnilabel.uncertainty``, ``uncertainty_mean``) added; a
     pseudomask of a failed image loses any older score, so every map in the output is this refiner's."""
-    import json
 
     scores: dict[int, dict[str, Any]] = {}
     errors: list[str] = []
     n_images = 0
-    for shard in range(n_shards):
-        for rec in jobdir.read_shard(shard):
-            n_images += 1
-            if rec.get("error"):
-                errors.append(json.dumps({k: rec.get(k) for k in ("image_id", "file_name", "error")}))
-                continue
-            for s in rec["annotations"]:
-                scores[int(s["id"])] = s
+    for rec in finished_records(jobdir, n_shards, errors):
+        n_images += 1
+        for s in rec["annotations"]:
+            scores[int(s["id"])] = s
+    n_images += len(errors)
     write_errors(errors, errors_path)
     check_not_all_failed(n_images, len(errors), errors_path=errors_path)
     annotations = []
