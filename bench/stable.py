@@ -3,7 +3,8 @@
 Runs the commands a user would, with the shipped teacher (``examples/teacher/shapes-sam.pt``):
 
 1. ``finetune-teacher weak.json --stable --teacher shapes-sam.pt`` on the example's 6 fully annotated images:
-   Stable-SAM's plugins on top of the shipped teacher (everything else frozen);
+   Stable-SAM's plugins on top of the shipped teacher (everything else frozen); and the same on ``--synth-train``
+   new synthetic scenes (``synth --seed 3``) for one epoch, Stable-SAM's own default;
 2. ``stability`` of both teachers on held-out scenes (``synth --seed 2``): mIoU / mBIoU / mSF per prompt type
    (GT box, noisy box at noise 0.4, 1 / 3 / 5 random clicks), k random prompts per instance;
 3. pseudomask mIoU on the same held-out scenes from loose weak labels: one noisy box per object (noise 0.4,
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="--stable training steps (batch 8)")
     parser.add_argument("--k", type=int, default=20, help="random prompts per instance and type (paper: 20)")
     parser.add_argument("--heldout", type=int, default=24, help="held-out scenes")
+    parser.add_argument("--synth-train", type=int, default=200, help="scenes of the second --stable run")
     parser.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temp folder)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
@@ -95,14 +97,22 @@ def main() -> None:
     t_train = omnilabel("finetune-teacher", SHAPES / "weak.json", "--images", SHAPES / "images", "--teacher",
                         TEACHER, "--stable", "--steps", args.steps, "--batch-size", 8, "--seed", 0, "-o", stable,
                         "--overwrite")
+    train = work / "train"
+    omnilabel("synth", train, "--n", args.synth_train, "--seed", 3)
+    stable_synth = work / "stable_synth.pt"
+    t_train_synth = omnilabel("finetune-teacher", train / "coco.json", "--images", train / "images", "--teacher",
+                              TEACHER, "--stable", "--batch-size", 8, "--seed", 0, "-o", stable_synth, "--overwrite")
     held = work / "heldout"
     omnilabel("synth", held, "--n", args.heldout, "--seed", 2)
     gt, images = held / "coco.json", held / "images"
     stab = work / "stability.json"
     t_stab = omnilabel("stability", gt, "--images", images, "--no-plain-sam", "--teacher", TEACHER, "--teacher",
-                       stable, "--k", args.k, "--prompts", ",".join(PROMPTS), "--json", stab, "--overwrite")
+                       stable, "--teacher", stable_synth, "--k", args.k, "--prompts", ",".join(PROMPTS), "--json", stab,
+                       "--overwrite")
     res = json.loads(stab.read_text())["results"]
-    names = {"shapes-sam.pt": "shipped", "stable.pt": f"shipped + Stable-SAM ({args.steps} steps)"}
+    names = {"shapes-sam.pt": "shipped", "stable.pt": f"+ Stable-SAM, example GT ({args.steps} steps)",
+             "stable_synth.pt": f"+ Stable-SAM, {args.synth_train} scenes (1 epoch)"}
+    files = {"shapes-sam.pt": TEACHER, "stable.pt": stable, "stable_synth.pt": stable_synth}
 
     def cell(r: dict) -> str:
         return " / ".join("-" if r[m] is None else f"{r[m]:.1f}" for m in ("miou", "mbiou", "msf"))
@@ -112,8 +122,8 @@ def main() -> None:
     miou: dict[str, dict[str, float]] = {}
     for kind in ("box", "noisy-box", "click"):
         weak = loose_weak(gt, work / f"weak_{kind}.json", kind, seed=0)
-        miou[kind] = {n: pseudomask_miou(TEACHER if n == "shapes-sam.pt" else stable, weak, images, gt,
-                                         work / f"pseudo_{kind}_{n}.json") for n in names}
+        miou[kind] = {n: pseudomask_miou(files[n], weak, images, gt, work / f"pseudo_{kind}_{n}.json")
+                      for n in names}
     labels = {"box": "exact GT box (reference)", "noisy-box": "noisy box (0.4, IoU >= 0.5)",
               "click": "one click, uniform over the object"}
     t2 = markdown_table(["weak label, one per object", *names.values()],
@@ -123,7 +133,8 @@ def main() -> None:
         f"{today()} · {machine_line(threads=usable_cores(), device='cpu')} · `{command_line()}`",
         f"The shipped teacher, and Stable-SAM's plugins trained on top of it with `finetune-teacher --stable` on "
         f"the example's 6 fully annotated images ({args.steps} steps of 8 instances, Adam lr 1e-3, the RTS prompt "
-        f"mixture; {t_train:.0f} s). Held-out: {args.heldout} new scenes (`synth --seed 2`). "
+        f"mixture; {t_train:.0f} s), and on {args.synth_train} new synthetic scenes for one epoch, Stable-SAM's "
+        f"default ({t_train_synth:.0f} s). Held-out: {args.heldout} new scenes (`synth --seed 2`). "
         f"`omnilabel stability`, mIoU / mBIoU / mSF (x 100; {t_stab:.0f} s):",
         t1,
         "Pseudomask mIoU on the held-out scenes from one loose label per object (`pseudomask --detector none`; a "
