@@ -89,6 +89,12 @@ class EntityConfig:
         felzenszwalb_scale, felzenszwalb_sigma, felzenszwalb_min_size: not given by the paper; [ours]
             scikit-image's gallery example (``omnilabel.ops.superpixels``).
         split_delta: δ = 0.05, an overlap below this share of the larger mask is cut from it (paper, Table 4).
+        split_min_keep: [ours] 0.5, a candidate left with less than this share of its area after the split is
+            dropped (its pixels stay with the masks that took them; what is left uncovered goes to USR). Object NMS
+            at θ_O = 0.8 keeps near-duplicates (mask IoU up to 0.8), and the split turns each into a sliver entity
+            beside the mask that took its overlap. Measured with the shipped example teacher on 15 example images:
+            33.6 → 3.7 entities per image, class-agnostic AP 0.46 → 0.66 (0.3: 0.66; on 30 images 0.5 and 0.7 give
+            0.71). 0 is the paper's literal procedure.
         guide_tau: τ = 0.1, score gap of Eq. 6 that favours the gallery's object mask (paper, Table 4).
         same_guide_iou: [ours] 0.9, guides this similar count as one mask in the "most frequent" vote.
         merge_top_k: k of Eq. 7, not given; [ours] 8 neighbours.
@@ -120,6 +126,7 @@ class EntityConfig:
     felzenszwalb_sigma: float = FELZENSZWALB_SIGMA
     felzenszwalb_min_size: int = FELZENSZWALB_MIN_SIZE_PX
     split_delta: float = 0.05
+    split_min_keep: float = 0.5
     guide_tau: float = 0.1
     same_guide_iou: float = 0.9
     merge_top_k: int = 8
@@ -143,7 +150,7 @@ class EntityConfig:
         problems += [f"{name} must be in [0, 1], got {getattr(self, name)}"
                      for name in ("object_nms_iou", "consistency_iou", "part_nms_base_iou", "split_delta",
                                   "same_guide_iou", "merge_cover_frac", "merge_cover_iou", "usr_contain_frac",
-                                  "fuse_rho", "stability_score_thresh")
+                                  "fuse_rho", "stability_score_thresh", "split_min_keep")
                      if not 0.0 <= getattr(self, name) <= 1.0]
         if problems:
             raise InputError("bad EntityConfig", problems)
@@ -320,6 +327,8 @@ class EntitySegmenter:
         guides = select_guides(o_g, o_s, b_g, b_s, tau=cfg.guide_tau)
         split = split_overlaps(cands, cand_s, guide_masks=guides, guide_points_xy=gallery.points_xy[g_idx],
                                delta=cfg.split_delta, same_guide_iou=cfg.same_guide_iou)
+        kept = split.sum(axis=(1, 2)) >= cfg.split_min_keep * cands.sum(axis=(1, 2))
+        split, cand_s = split[kept & split.any(axis=(1, 2))], cand_s[kept & split.any(axis=(1, 2))]
         stats.counts["split"] = len(split)
         # EMR merge (§3.2): Eq. 7 on encoder features at the superpixel centroids, Eq. 8 with the gallery.
         feats = _sample_features(sam, emb, centroids)
