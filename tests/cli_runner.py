@@ -20,6 +20,15 @@ def run_in_process(capsys, *argv) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
+def run_ok(*argv) -> None:
+    """``omnilabel ARGV`` through ``main`` in this process, output left to the caller's streams; it must succeed
+    (for fixtures that build inputs and need no captured output)."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        assert not exc.code, argv
+
+
 def run_subprocess(*argv) -> subprocess.CompletedProcess:
     """``python -m omnilabel.cli ARGV`` in a fresh process (what a killed or parallel job needs)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run_in_process as run
+from cli_runner import run_ok as _ok
 from cli_runner import run_subprocess
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from omnilabel.cli import main
 from omnilabel.jobs.entities import EntitiesInputs, EntityWorker, read_id_map, run_entities
 from omnilabel.jobs.options import JobOptions
 from omnilabel.jobs.runner import run_shards_in_process
@@ -27,12 +27,6 @@ from omnilabel.teachers.loading import TeacherSpec
 GRIDS = ["--points-per-side", "4", "--gallery-points-per-side", "8"]
 CONFIG = EntityConfig(grid_points_per_side=4, gallery_points_per_side=8)
 
-
-def _ok(*argv) -> None:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        assert not exc.code, argv
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_runner import run_in_process as run
-from cli_runner import run_subprocess
+from cli_runner import run_ok, run_subprocess
 from job_outputs import assert_same_annotations
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -63,14 +63,10 @@ def _args(data: Path, tiny_sam_path: Path, tiny_clip, weak: str, *extra, proposa
 @pytest.fixture(scope="module")
 def tags_run(data, tiny_sam_path, tiny_clip) -> Path:
     """The tags split labelled in this process with every entity kept (threshold 0)."""
-    from omnilabel.cli import main
 
     out = data / "tags_ref.json"
-    try:
-        main([str(a) for a in _args(data, tiny_sam_path, tiny_clip, "tags", "--proposal-threshold", "0",
-                                    "--batch-size", "3", "-o", out)])
-    except SystemExit as exc:
-        assert not exc.code
+    run_ok(*_args(data, tiny_sam_path, tiny_clip, "tags", "--proposal-threshold", "0", "--batch-size", "3",
+                  "-o", out))
     return out
 
 

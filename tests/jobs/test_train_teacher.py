@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import run_in_process as run
+from cli_runner import run_ok
 from pycocotools.coco import COCO
 
-from omnilabel.cli import main
 from omnilabel.data.weak import split_coco
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.train_teacher import TeacherRecipe, run_finetune_teacher
@@ -42,10 +42,7 @@ def cli_teacher(data, tiny_sam_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft_cli") / "bp.pt"
     main_args = ["finetune-teacher", data / "weak_boxes.json", "--images", data / "images", "--sam", tiny_sam_path,
                  "--prompts", "points+boxes", "-o", out, *TRAIN_FLAGS]
-    try:
-        main([str(a) for a in main_args])
-    except SystemExit as exc:
-        assert not exc.code
+    run_ok(*main_args)
     return out
 
 

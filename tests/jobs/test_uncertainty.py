@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run_in_process as run
+from cli_runner import run_ok as _ok
 from cli_runner import run_subprocess
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from omnilabel.cli import main
 from omnilabel.data.maps import read_uncertainty_map
 from omnilabel.data.weak import split_coco
 from omnilabel.io import file_sha256
@@ -31,13 +31,6 @@ EXAMPLE_TEACHER = Path(__file__).resolve().parents[2] / "examples" / "teacher" /
 #: The fields ``uncertainty`` and ``pseudomask --refiner`` add to a pseudomask's ``omnilabel`` record.
 ADDED = ("uncertainty", "uncertainty_mean")
 
-
-def _ok(*argv) -> None:
-    """``omnilabel ARGV`` in this process; it must succeed."""
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        assert not exc.code, argv
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run_in_process as run
+from cli_runner import run_ok
 from pycocotools.coco import COCO
 
-from omnilabel.cli import main
 from omnilabel.data.images import read_image_rgb
 from omnilabel.data.weak import split_coco
 from omnilabel.errors import CheckpointError
@@ -49,11 +49,8 @@ def stable(data, tiny_sam_path, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("stable_cli") / "st.pt"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        try:
-            main([str(a) for a in ["finetune-teacher", data / "weak_boxes.json", "--images", data / "images", "--sam",
-                                   tiny_sam_path, "--stable", "--batch-size", "4", "-o", out]])
-        except SystemExit as exc:
-            assert not exc.code
+        run_ok("finetune-teacher", data / "weak_boxes.json", "--images", data / "images", "--sam", tiny_sam_path,
+               "--stable", "--batch-size", "4", "-o", out)
     return out, buf.getvalue()
 
 
