@@ -151,6 +151,17 @@ def table(title: str, rows: list[tuple[str, str]], *, columns: tuple[str, str] =
     return t
 
 
+def job_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows every per-image job's closing table ends with before its own: the shards a rerun resumed, and
+    where the failed images are listed."""
+    rows = []
+    if summary["skipped_shards"]:
+        rows.append(("shards resumed (not recomputed)", str(summary["skipped_shards"])))
+    if summary["errors"]:
+        rows.append(("failed images listed in", summary["errors_path"]))
+    return rows
+
+
 def pseudomask_tables(summary: dict[str, Any]) -> list[Table]:
     """The closing tables of a pseudomask job (``run_pseudomask``'s summary)."""
     rows = [("images", str(summary["images"]))]

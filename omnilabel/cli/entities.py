@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from omnilabel.cli.app import app
-from omnilabel.cli.display import events, out, table
+from omnilabel.cli.display import events, job_rows, out, table
 from omnilabel.cli.options import (
     Address,
     AllowOutsideImages,
@@ -88,10 +88,7 @@ def entities(
              f"{summary['encoder_calls']:.0f} / {summary['decoder_calls']:.0f}"),
             ("seconds per image", "  ".join(f"{k} {v:.2f}" for k, v in summary["seconds"].items())),
             ("images that failed", str(summary["errors"]))]
-    if summary["skipped_shards"]:
-        rows.append(("shards resumed (not recomputed)", str(summary["skipped_shards"])))
-    if summary["errors"]:
-        rows.append(("failed images listed in", summary["errors_path"]))
+    rows += job_rows(summary)
     if summary["maps"]:
         rows.append(("entity maps", summary["maps"]))
     rows.append(("wall time", f"{summary['wall_s']:.1f} s"))

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from omnilabel.cli.app import app
-from omnilabel.cli.display import events, out, table
+from omnilabel.cli.display import events, job_rows, out, table
 from omnilabel.cli.options import (
     Address,
     AllowOutsideImages,
@@ -103,9 +103,6 @@ def stability(
             ("images that failed", str(summary["errors"]))]
     if summary["empty_masks"]:
         rows.append(("empty GT masks skipped", str(summary["empty_masks"])))
-    if summary["skipped_shards"]:
-        rows.append(("shards resumed (not recomputed)", str(summary["skipped_shards"])))
-    if summary["errors"]:
-        rows.append(("failed images listed in", summary["errors_path"]))
+    rows += job_rows(summary)
     rows.append(("wall time", f"{summary['wall_s']:.1f} s"))
     out.print(table(f"wrote {summary['output']}", rows))

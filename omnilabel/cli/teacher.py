@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from omnilabel.cli.app import app
-from omnilabel.cli.display import events, out, pseudomask_tables, table
+from omnilabel.cli.display import events, job_rows, out, pseudomask_tables, table
 from omnilabel.cli.options import (
     Address,
     AllowOutsideImages,
@@ -266,9 +266,6 @@ def uncertainty(
     rows = [("images", str(summary["images"])), ("pseudomasks scored", str(summary["scored"])),
             ("mean uncertainty_mean", f"{summary['mean_uncertainty']:.4f}"),
             ("images that failed", str(summary["errors"]))]
-    if summary["skipped_shards"]:
-        rows.append(("shards resumed (not recomputed)", str(summary["skipped_shards"])))
-    if summary["errors"]:
-        rows.append(("failed images listed in", summary["errors_path"]))
+    rows += job_rows(summary)
     rows += [("maps", summary["maps"]), ("wall time", f"{summary['wall_s']:.1f} s")]
     out.print(table(f"wrote {summary['output']}", rows))
