@@ -327,8 +327,9 @@ class EntitySegmenter:
         guides = select_guides(o_g, o_s, b_g, b_s, tau=cfg.guide_tau)
         split = split_overlaps(cands, cand_s, guide_masks=guides, guide_points_xy=gallery.points_xy[g_idx],
                                delta=cfg.split_delta, same_guide_iou=cfg.same_guide_iou)
-        kept = split.sum(axis=(1, 2)) >= cfg.split_min_keep * cands.sum(axis=(1, 2))
-        split, cand_s = split[kept & split.any(axis=(1, 2))], cand_s[kept & split.any(axis=(1, 2))]
+        left = split.sum(axis=(1, 2))
+        kept = (left > 0) & (left >= cfg.split_min_keep * cands.sum(axis=(1, 2)))
+        split, cand_s = split[kept], cand_s[kept]
         stats.counts["split"] = len(split)
         # EMR merge (§3.2): Eq. 7 on encoder features at the superpixel centroids, Eq. 8 with the gallery.
         feats = _sample_features(sam, emb, centroids)
