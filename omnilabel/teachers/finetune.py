@@ -48,6 +48,7 @@ from omnilabel.ops.point_sampling import (
     uncertain_point_coords,
 )
 from omnilabel.teachers.finetune_data import PROMPT_MODES, PromptMode
+from omnilabel.teachers.sam import run_mask_decoder
 
 if TYPE_CHECKING:
     from segment_anything.modeling import MaskDecoder, Sam
@@ -197,10 +198,8 @@ def decode_per_instance(
     *,
     multimask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's mask decoder with one image embedding per prompt (``MaskDecoder`` takes one per call).
-
-    The computation is ``MaskDecoder.predict_masks`` with its ``repeat_interleave`` of one embedding
-    replaced by the batch of embeddings, so prompts of different images train in one call.
+    """SAM's mask decoder with one image embedding per prompt, so prompts of different images train in one call
+    (``omnilabel.teachers.sam.run_mask_decoder`` with a batch of embeddings).
 
     Args:
         decoder: ``segment_anything`` ``MaskDecoder``.
@@ -212,23 +211,9 @@ def decode_per_instance(
     Returns:
         logits: (B, K, 4g, 4g) low-res mask logits; iou: (B, K) predicted IoUs; K = 3 or 1.
     """
-    b = sparse.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-    src = image_embeddings + dense
-    pos_src = image_pe.expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1:1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-                           dim=1)
-    _, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-    iou = decoder.iou_prediction_head(iou_token_out)
+    out = run_mask_decoder(decoder, image_embeddings, image_pe, sparse, dense)
     keep = slice(1, None) if multimask else slice(0, 1)
-    return masks[:, keep], iou[:, keep]
+    return out.logits[:, keep], out.iou[:, keep]
 
 
 class TaskPrompt(nn.Module):

@@ -18,9 +18,9 @@ sliced to the batch as ``batch.data``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from omnilabel.models.precision import autocast
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,82 @@ class MultimaskChunk:
     indices: np.ndarray
     low_res_logits: np.ndarray
     iou_scores: np.ndarray
+
+
+@dataclass
+class DecoderOutput:
+    """Everything SAM's mask decoder computes for B prompts (``run_mask_decoder``), all 4 outputs.
+
+    Attributes:
+        logits: (B, 4, 4g, 4g) float low-res mask logits: output 0 is the single-mask head, 1–3 the multimask
+            heads (whole / part / sub-part, in decoder order).
+        iou: (B, 4) float SAM's predicted IoU of each output.
+        iou_token: (B, C) float the IoU token after the two-way transformer (``hs[:, 0]``).
+        mask_tokens: (B, 4, C) float the 4 mask tokens after the two-way transformer (``hs[:, 1:5]``).
+    """
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+    iou_token: torch.Tensor
+    mask_tokens: torch.Tensor
+
+
+@dataclass
+class TokenChunk:
+    """All 4 of SAM's outputs and its output tokens for a chunk of single positive points
+    (``SamTeacher.decode_points_tokens``), as numpy on the CPU.
+
+    Attributes:
+        indices: (n,) int64 positions of these points in the input.
+        low_res_logits: (n, 4, 4g, 4g) float32 mask logits in the padded square input frame (output 0 the single-mask
+            head, 1–3 the multimask heads).
+        iou_scores: (n, 4) float32 SAM's predicted IoU of each output.
+        iou_token: (n, C) float32 the IoU token after the two-way transformer.
+        mask_tokens: (n, 4, C) float32 the mask tokens after the two-way transformer.
+    """
+
+    indices: np.ndarray
+    low_res_logits: np.ndarray
+    iou_scores: np.ndarray
+    iou_token: np.ndarray
+    mask_tokens: np.ndarray
+
+
+def run_mask_decoder(decoder: Any, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                     dense: torch.Tensor) -> DecoderOutput:
+    """SAM's mask decoder (``MaskDecoder.predict_masks``), returning all 4 outputs and the output tokens.
+
+    The one decoder computation of omnilabel: inference (``SamTeacher``), fine-tuning (one embedding per prompt,
+    ``omnilabel.teachers.finetune``) and UOIS-SAM's discriminator (which reads the tokens) all run it. The numbers
+    are ``predict_masks``' own: ``MaskDecoder.forward`` is this followed by slicing outputs 1–3 (multimask) or 0.
+    Modules installed inside ``decoder.transformer`` (Stable-SAM's plugins) take part as they do in stock SAM.
+
+    Args:
+        decoder: a ``segment_anything`` ``MaskDecoder``.
+        image_embeddings: (1, C, g, g) float, shared by every prompt (``predict_masks`` repeats it), or (B, C, g, g),
+            row i the embedding of prompt i's image.
+        image_pe: (1, C, g, g) float dense positional encoding (``PromptEncoder.get_dense_pe``).
+        sparse: (B, T, C) float sparse prompt embeddings. dense: (B, C, g, g) float dense prompt embeddings.
+
+    Returns:
+        The ``DecoderOutput`` of the B prompts.
+    """
+    b = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+    src = image_embeddings + dense  # a (1, ...) embedding broadcasts as predict_masks' repeat_interleave
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token = hs[:, 0, :]
+    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+                           dim=1)
+    _, c, h, w = upscaled.shape
+    logits = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    return DecoderOutput(logits=logits, iou=decoder.iou_prediction_head(iou_token), iou_token=iou_token,
+                         mask_tokens=mask_tokens)
 
 
 @dataclass
@@ -362,6 +440,46 @@ class SamTeacher:
             InputError: ``points_xy`` is not (N, 2) finite, ``chunk`` < 1, or ``emb`` is from another SAM.
             MemoryError: out of memory on a single point.
         """
+        def decode(batch: PromptBatch) -> MultimaskChunk:
+            low_res, iou = self._run_decoder(emb, batch, multimask=True)
+            return MultimaskChunk(indices=batch.indices, low_res_logits=low_res.cpu().numpy(),
+                                  iou_scores=iou.cpu().numpy())
+
+        yield from self._point_chunks(emb, points_xy, chunk, decode)
+
+    def decode_points_tokens(
+        self, emb: ImageEmbedding, points_xy: np.ndarray, *, chunk: int | None = None
+    ) -> Iterator[TokenChunk]:
+        """All 4 of SAM's outputs per single positive point with the decoder's output tokens, chunk by chunk.
+
+        The same decoder computation as every other path (``run_mask_decoder``): output 0 of row i equals SAM's
+        single-mask prediction for the point and outputs 1–3 its multimask ones (``decode_points_multimask``).
+        UOIS-SAM's discriminator (``omnilabel.teachers.uois``) reads the tokens; SAM itself is unchanged.
+
+        Args:
+            emb: output of ``encode`` for the image.
+            points_xy: (N, 2) finite float pixel xy in the original image.
+            chunk: points per decoder call, >= 1; default ``config.max_prompts_per_call``.
+
+        Yields:
+            ``TokenChunk``s covering 0..N-1 in input order (none when N = 0).
+
+        Raises:
+            InputError: ``points_xy`` is not (N, 2) finite, ``chunk`` < 1, or ``emb`` is from another SAM.
+            MemoryError: out of memory on a single point.
+        """
+        def decode(batch: PromptBatch) -> TokenChunk:
+            out = self._run_all(emb, batch)
+            return TokenChunk(indices=batch.indices, low_res_logits=out.logits.cpu().numpy(),
+                              iou_scores=out.iou.cpu().numpy(), iou_token=out.iou_token.cpu().numpy(),
+                              mask_tokens=out.mask_tokens.cpu().numpy())
+
+        yield from self._point_chunks(emb, points_xy, chunk, decode)
+
+    def _point_chunks(self, emb: ImageEmbedding, points_xy: np.ndarray, chunk: int | None,
+                      decode: Callable[[PromptBatch], _T]) -> Iterator[_T]:
+        """``decode`` of single positive points in prompt batches of ``chunk``; on out-of-memory the chunk size is
+        halved for this and all later chunks."""
         pts, _, _, n = self._check_prompts(points_xy, None, None, emb)
         if pts is None or (n and not np.isfinite(pts).all()):
             raise InputError("points_xy must be an (N, 2) array of finite pixel xy")
@@ -376,7 +494,7 @@ class SamTeacher:
             labels = torch.ones((len(idx), 1), dtype=torch.int, device=self.device)
             batch = PromptBatch(indices=idx, points=points, point_labels=labels, boxes=None, mask_logits=None)
             try:
-                low_res, iou = self._run_decoder(emb, batch, multimask=True)
+                out = decode(batch)
             except torch.OutOfMemoryError as exc:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -385,7 +503,7 @@ class SamTeacher:
                 self.oom_splits += 1
                 step //= 2
                 continue
-            yield MultimaskChunk(indices=idx, low_res_logits=low_res.cpu().numpy(), iou_scores=iou.cpu().numpy())
+            yield out
             start += len(idx)
 
     def upsample(self, emb: ImageEmbedding, low_res_logits: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -513,19 +631,20 @@ class SamTeacher:
         self, emb: ImageEmbedding, batch: PromptBatch, *, multimask: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask-decoder call: (B, 1 or 3, 4g, 4g) float32 low-res logits and (B, 1 or 3) float32 scores."""
+        out = self._run_all(emb, batch)
+        keep = slice(1, None) if multimask else slice(0, 1)
+        return out.logits[:, keep], out.iou[:, keep]
+
+    def _run_all(self, emb: ImageEmbedding, batch: PromptBatch) -> DecoderOutput:
+        """One mask-decoder call with all 4 outputs and the tokens, as float32."""
         with torch.inference_mode():
             sparse, dense = self.encode_prompts(batch)
             image_pe = self.sam.prompt_encoder.get_dense_pe()
             with self._autocast():
-                low_res, iou = self.sam.mask_decoder(
-                    image_embeddings=emb.features,
-                    image_pe=image_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multimask,
-                )
+                out = run_mask_decoder(self.sam.mask_decoder, emb.features, image_pe, sparse, dense)
             self.decoder_calls += 1
-            return low_res.float(), iou.float()
+            return DecoderOutput(logits=out.logits.float(), iou=out.iou.float(), iou_token=out.iou_token.float(),
+                                 mask_tokens=out.mask_tokens.float())
 
 
 def _take(column: Any, idx: np.ndarray) -> Any:
