@@ -204,6 +204,15 @@ def evaluate_tables(result: dict[str, Any], name: str) -> list[Table]:
         for weak, row in result["teacher"].items():
             t.add_row(weak, str(row["count"]), f"{row['miou']:.3f}", f"{row['boundary_iou']:.3f}")
         tables.append(t)
+    if "uois" in result:
+        u = result["uois"]
+        t = Table(title="UOIS (class-agnostic)",
+                  caption=f"percent, per-image mean over {u['images']} images")
+        for col in ("Overlap P/R/F", "Boundary P/R/F", "%75"):  # the cells of the UOIS papers' tables
+            t.add_column(col, justify="right")
+        t.add_row(*("/".join(f"{100 * u[group][k]:.1f}" for k in "PRF") for group in ("overlap", "boundary")),
+                  f"{100 * u['f75']:.1f}")
+        tables.append(t)
     return tables
 
 

@@ -18,17 +18,27 @@ def evaluate(
         help="COCO results list, or a complete COCO file such as a pseudomask output.")],
     gt: Annotated[Path, typer.Option(help="Ground-truth COCO JSON with instance masks.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")] = None,
+    uois: Annotated[bool, typer.Option(
+        "--uois", help="Also compute the class-agnostic UOIS metrics: Overlap and Boundary P/R/F and %75, "
+                       "per image then averaged.")] = False,
 ) -> None:
-    """COCO mask AP of predictions; for pseudomasks, also teacher mIoU per weak type.
+    """COCO mask AP of predictions; for pseudomasks, also teacher mIoU per weak type; UOIS metrics on request.
 
     Prints segm AP, AP50, AP75, APs/m/l (pycocotools), over the images a complete COCO file lists (every GT
     image for a results list). When the predictions are an omnilabel pseudomask
     file whose annotations carry `omnilabel.weak_id`, it also prints the mean mask IoU and mean boundary
     IoU of the pseudomasks against the GT masks of those ids, per weak type.
+
+    With --uois, also the unseen-object instance segmentation metrics of UOIS-Net / UOIS-SAM, class-agnostic
+    (categories ignored), over the same images: each image's predictions are painted into one label map by
+    ascending score (the higher score wins an overlap), matched one-to-one to the GT objects by the Hungarian
+    algorithm on the F-measure, and scored as Overlap P/R/F, Boundary P/R/F (1-px boundaries, tolerance
+    ceil(0.003 x image diagonal) px) and %75 (GT objects matched with F > 0.75); crowd GT regions are
+    don't-care. Printed in percent; --json holds them in [0, 1] under `uois`.
     """
     from omnilabel.eval.report import evaluate_files
 
-    result = evaluate_files(predictions, gt, json_out=json_out)
+    result = evaluate_files(predictions, gt, json_out=json_out, uois=uois)
     for t in evaluate_tables(result, predictions.name):
         out.print(t)
 

@@ -4,6 +4,7 @@ Predictions are a COCO results list (``predict``'s output: AP over every GT imag
 predictions counting as missed) or a complete COCO file such as a pseudomask output (AP over the images it
 lists, since a pseudomask file may leave some out). For an omnilabel pseudomask file whose annotations carry
 ``omnilabel.weak_id``, the mean mask IoU and boundary IoU against the GT masks those ids name, per weak type.
+On request, the class-agnostic UOIS metrics (``omnilabel.eval.uois``) over the same images as AP.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ from omnilabel.data.coco import load_coco
 from omnilabel.errors import InputError
 from omnilabel.eval.coco_eval import evaluate_segm
 from omnilabel.eval.miou import has_weak_ids, teacher_miou
+from omnilabel.eval.uois import evaluate_uois
 from omnilabel.io import read_json, write_json_atomic
 
 
-def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | Path | None = None) -> dict[str, Any]:
+def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | Path | None = None,
+                   uois: bool = False) -> dict[str, Any]:
     """COCO segm AP of ``predictions`` against ``gt``; teacher mIoU per weak type for pseudomasks.
 
     Args:
         predictions: a COCO results list, or a complete COCO file.
         gt: ground-truth COCO with instance masks.
         json_out: also write the returned dict, less ``gt_images``, there as JSON (atomically).
+        uois: also compute the class-agnostic UOIS metrics over the images AP is over.
 
     Returns:
-        ``segm`` (AP, AP50, AP75, APs, APm, APl), ``images`` (how many images AP is over), ``gt_images``, and
-        for pseudomask files ``teacher``: weak type → ``count``, ``miou``, ``boundary_iou``.
+        ``segm`` (AP, AP50, AP75, APs, APm, APl), ``images`` (how many images AP is over), ``gt_images``;
+        for pseudomask files ``teacher``: weak type → ``count``, ``miou``, ``boundary_iou``; with ``uois``,
+        ``uois``: ``overlap`` and ``boundary`` ``{"P", "R", "F"}``, ``f75`` (floats in [0, 1], per-image
+        means), ``images``, ``gt_objects``, ``pred_objects`` (see ``omnilabel.eval.uois.evaluate_uois``).
 
     Raises:
         InputError: a file is unreadable or not COCO, or the predictions do not fit the GT.
@@ -46,6 +52,8 @@ def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | P
                               "gt_images": len(gt_data["images"])}
     if isinstance(pred, dict) and has_weak_ids(pred):
         result["teacher"] = teacher_miou(pred, gt_data)
+    if uois:
+        result["uois"] = evaluate_uois(pred, gt_data, image_ids=image_ids)
     if json_out is not None:
         write_json_atomic({k: v for k, v in result.items() if k != "gt_images"}, json_out)
     return result
