@@ -1,12 +1,13 @@
 """Named weights: where each official checkpoint comes from, where it lives in the cache, how it is fetched.
 
-A name (``vit_b``, ``grounding-dino-tiny``, ``clip-vit-b-32``, ``resnet-50``) maps to a :class:`WeightSpec`:
-one or more files with their URLs and, where known, their sha256 and size. Files are cached under
+A name (``vit_b``, ``grounding-dino-tiny``, ``clip-vit-b-32``, ``resnet-50``, ``dinov2-small``) maps to a
+:class:`WeightSpec`: one or more files with their URLs and, where known, their sha256 and size. Files are cached under
 ``$OMNILABEL_CACHE`` (default ``~/.cache/omnilabel``) as ``<cache>/<name>/<filename>``:
 
 - a single-file checkpoint (SAM, CLIP) resolves to that file;
-- a multi-file checkpoint (Grounding DINO, and the students' ImageNet ResNets, in ``transformers`` format)
-  resolves to the directory ``<cache>/<name>``, which ``from_pretrained`` loads.
+- a multi-file checkpoint (Grounding DINO, the students' ImageNet ResNets, and the DINOv2 backbones of
+  UOIS-SAM's prompt generator, in ``transformers`` format) resolves to the directory ``<cache>/<name>``, which
+  ``from_pretrained`` loads.
 
 A download streams into a temporary file beside its target, checks the sha256 (or, where the sha256 is not
 recorded, the size, if that is), and only then renames it into place: an interrupted or corrupt download
@@ -52,7 +53,7 @@ __all__ = [
     "weight_ref",
 ]
 
-WeightKind = Literal["sam", "gdino", "clip", "resnet"]
+WeightKind = Literal["sam", "gdino", "clip", "resnet", "dinov2"]
 
 #: Environment variable overriding the cache directory.
 CACHE_ENV = "OMNILABEL_CACHE"
@@ -87,13 +88,13 @@ class WeightSpec:
     Attributes:
         name: the name users type (``vit_b``).
         kind: which model family loads it.
-        files: its files; one for SAM and CLIP, several (a ``transformers`` model directory) for GDino and
-            ResNet.
+        files: its files; one for SAM and CLIP, several (a ``transformers`` model directory) for GDino,
+            ResNet and DINOv2.
         description: one line for ``omnilabel weights list``.
         license: the license of the weights.
         architecture: what the loader builds: the ``segment_anything`` registry key for SAM (``vit_b``),
-            the ``open_clip`` model name for CLIP (``ViT-B-32``), the Hugging Face repository for GDino and
-            ResNet.
+            the ``open_clip`` model name for CLIP (``ViT-B-32``), the Hugging Face repository for GDino,
+            ResNet and DINOv2.
     """
 
     name: str
@@ -121,6 +122,7 @@ _GDINO_FILES = (
     "vocab.txt",
 )
 _RESNET_FILES = ("config.json", "model.safetensors")
+_DINOV2_FILES = ("config.json", "model.safetensors")
 
 
 def _sam(name: str, stem: str, sha256: str, size_bytes: int, label: str) -> WeightSpec:
@@ -159,6 +161,12 @@ def _resnet(depth: int) -> WeightSpec:
                          f"ResNet-{depth}, ImageNet-1k ({repo}, transformers format): a student backbone")
 
 
+def _dinov2(size: str, label: str) -> WeightSpec:
+    name, repo = f"dinov2-{size}", f"facebook/dinov2-{size}"
+    return _hf_directory(name, "dinov2", repo, _DINOV2_FILES,
+                         f"DINOv2 {label} ({repo}, transformers format): UOIS-SAM's prompt-generator backbone")
+
+
 REGISTRY: dict[str, WeightSpec] = {
     spec.name: spec
     for spec in (
@@ -186,6 +194,9 @@ REGISTRY: dict[str, WeightSpec] = {
             architecture="ViT-B-32",
         ),
         *(_resnet(depth) for depth in (18, 34, 50, 101, 152)),
+        # UOIS-SAM spec §3.1: the HPG backbone is DINOv2 ViT-S/14 (dinov2-small, the default); base is wider.
+        _dinov2("small", "ViT-S/14"),
+        _dinov2("base", "ViT-B/14"),
     )
 }
 
@@ -379,8 +390,8 @@ class WeightRef:
     """A model as the driver names it, for a worker to find on its own node. Plain data (it pickles).
 
     Attributes:
-        kind: what it is (``sam``, ``gdino``, ``clip``, ``resnet``, or ``teacher`` for a fine-tuned teacher
-            file); for messages and for a name's registry kind.
+        kind: what it is (``sam``, ``gdino``, ``clip``, ``resnet``, ``dinov2``, or ``teacher`` for a fine-tuned
+            teacher file); for messages and for a name's registry kind.
         source: a registry name, or an absolute path to a file or folder.
         is_name: whether ``source`` is a registry name.
         files: for a name, ``(filename, sha256 or None)`` of each file in the driver's registry: a worker whose

@@ -77,6 +77,12 @@ def test_registry_lists_the_official_weights():
         assert spec.license == "Apache-2.0" and spec.architecture == f"microsoft/{spec.name}"
         hf = f"https://huggingface.co/microsoft/{spec.name}/resolve/main/"
         assert [wf.url for wf in spec.files] == [hf + "config.json", hf + "model.safetensors"]
+    dinov2 = [s for s in names.values() if s.kind == "dinov2"]
+    assert [s.name for s in dinov2] == ["dinov2-small", "dinov2-base"]
+    for spec in dinov2:
+        assert spec.license == "Apache-2.0" and spec.architecture == f"facebook/{spec.name}"
+        hf = f"https://huggingface.co/facebook/{spec.name}/resolve/main/"
+        assert [wf.url for wf in spec.files] == [hf + "config.json", hf + "model.safetensors"]
     for spec in names.values():
         for wf in spec.files:
             assert wf.sha256 is None or len(wf.sha256) == 64
@@ -277,6 +283,22 @@ def test_resnet_offline_error_names_the_files_and_the_folder(tmp_path, monkeypat
     assert not folder.exists()
     with pytest.raises(CheckpointError, match="resnet-18, resnet-34, resnet-50, resnet-101, resnet-152"):
         resolve("resnet-77", kind="resnet")
+
+
+def test_dinov2_is_a_folder_and_offline_errors_name_its_files(tmp_path, monkeypatch):
+    folder = tmp_path / "cache" / "dinov2-small"
+    assert weight_path("dinov2-small") == folder
+    monkeypatch.setenv("OMNILABEL_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as info:
+        resolve("dinov2-small", kind="dinov2")
+    msg = str(info.value)
+    assert str(folder / "config.json") in msg and str(folder / "model.safetensors") in msg
+    assert "https://huggingface.co/facebook/dinov2-small/resolve/main/model.safetensors" in msg
+    assert "omnilabel weights download dinov2-small" in msg
+    with pytest.raises(CheckpointError, match="known dinov2 names: dinov2-small, dinov2-base"):
+        resolve("dinov2-giant", kind="dinov2")
+    with pytest.raises(CheckpointError, match="is a dinov2 checkpoint, not a resnet one"):
+        resolve("dinov2-base", kind="resnet")
 
 
 # --- weights found on the node that uses them ---------------------------------------------------------------
