@@ -27,3 +27,11 @@ def tiny_gdino_dir(tmp_path_factory) -> Path:
 def shapes_coco(tmp_path_factory) -> Path:
     """12 synthetic 96-px images with masks; images in ``coco.json``'s folder under ``images/``."""
     return make_dataset(tmp_path_factory.mktemp("shapes"), n_images=12, seed=5, size_hw=(96, 96), max_objects=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 (8-px patches, 64 wide) saved with save_pretrained, as a downloaded one is."""
+    from omnilabel.models.tiny_dinov2 import build_tiny_dinov2
+
+    return build_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny", seed=0)

@@ -8,6 +8,6 @@ shows the traceback instead.
 # ruff: noqa: I001  (the import order is the order of the commands in --help)
 
 from omnilabel.cli.app import app, main
-from omnilabel.cli import data, teacher, entities, stability, student, review, weights  # noqa: F401  (registers the commands)
+from omnilabel.cli import data, teacher, entities, prompter, stability, student, review, weights  # noqa: F401  (registers the commands)
 
 __all__ = ["app", "main"]

@@ -49,7 +49,7 @@ class _EventDisplay:
         self.bar: Progress | None = None
         self.kind: str | None = None
         self.tasks: dict[str, Any] = {}
-        self.rate: dict[str, float] = {}
+        self.rate: dict[str, Any] = {}
         self.epochs: dict[str, int] = {}
 
     def _switch(self, kind: str) -> Progress:
@@ -94,11 +94,20 @@ class _EventDisplay:
                                f"(IoU of SAM's mask with the GT < {ev['min_iou']})")
         elif kind in _TRAINING:
             self._training(ev)
+        elif kind == "losses":
+            val = ev.get("val") or {}
+            line = "  ".join(f"{name} {ev['train'][key]:.4f}" + (f" (val {val[key]:.4f})" if key in val else "")
+                             for key, name in (("hpg", "HPG loss"), ("hdnet", "HDNet loss")))
+            (self.bar.console if self.bar is not None else self.console).print(f"epoch {ev['epoch']}: {line}")
 
     def _progress(self, ev: dict[str, Any]) -> None:
         bar = self._switch("progress")
         now = time.perf_counter()
+        if "job" in self.tasks and ev.get("unit", "") != self.rate.get("unit", ""):
+            self.close()  # a new stage counts another unit: a bar of its own
+            bar = self._switch("progress")
         if "job" not in self.tasks:
+            self.rate["unit"] = ev.get("unit", "")
             self.tasks["job"] = bar.add_task(self.label, total=ev["total"], unit=ev.get("unit", ""), rate="")
             self.rate.update(t=now, n=ev["done"])  # work resumed from earlier runs does not count towards the rate
         elapsed = now - self.rate["t"]
