@@ -309,7 +309,7 @@ def select_masks(sam: SamTeacher, emb: ImageEmbedding, points_xy: np.ndarray, co
     kept = np.sort(np.asarray(kept, dtype=np.int64))
     dropped["nms"] = len(masks) - len(kept)
     masks, sc, out, pts = masks[kept], sc[kept], out[kept], pts[kept]
-    area = masks.reshape(len(masks), -1).sum(axis=1)
+    area = masks.sum(axis=(1, 2))
     ok = area >= config.min_area_px
     if config.max_area_px is not None:
         ok &= area <= config.max_area_px
