@@ -41,8 +41,8 @@ def pseudomask(
              "from, else vit_h].")] = None,
     detector: Annotated[str, typer.Option(
         help="Grounding DINO: grounding-dino-tiny, grounding-dino-base, a local folder, or `none` (points then "
-             "use SAM's own box; images with tags or no labels are left out, unless --proposals labels "
-             "them).")] = "grounding-dino-tiny",
+             "use SAM's own box; images with tags or no labels are left out, unless --proposals or --prompter "
+             "labels them).")] = "grounding-dino-tiny",
     teacher: Annotated[Path | None, typer.Option(help=f"{_TEACHER_HELP} for every SAM stage.")] = None,
     teacher_box: Annotated[Path | None, typer.Option(
         help=f"{_TEACHER_HELP} for boxes and detections (box-SAM), instead of --teacher there.")] = None,
@@ -57,11 +57,12 @@ def pseudomask(
                                      "\"Point\" ablation).")] = True,
     clip: Annotated[str | None, typer.Option(
         help="CLIP, a name or a path: for class-aware teachers [default: the one the teacher was trained "
-             "with] and, with --proposals, to classify entities [default: clip-vit-b-32]; loaded only when "
-             "one of them needs it.")] = None,
+             "with] and, with --proposals, to classify entities [default: clip-vit-b-32]; with --prompter, "
+             "given explicitly, to classify the prompter's masks; loaded only when one of them needs "
+             "it.")] = None,
     clip_arch: Annotated[str | None, typer.Option(
-        help="open_clip architecture of a --clip path for --proposals (e.g. ViT-B-32) [default: the "
-             "registry's].")] = None,
+        help="open_clip architecture of a --clip path for --proposals or --prompter (e.g. ViT-B-32) [default: "
+             "the registry's].")] = None,
     proposals: Annotated[Path | None, typer.Option(
         help="Entities file (`omnilabel entities` on this COCO file): images with tags or no labels take their "
              "pseudomasks from its entity masks instead of Grounding DINO -> SAM. Each entity's masked crop is "
@@ -70,13 +71,23 @@ def pseudomask(
              "kept at probability >= --proposal-threshold, its mask as is (no SAM pass). Works with "
              "`--detector none`; with a detector, the detector only refines points. Images that need proposals "
              "and are not in the file are left out. Not with --refiner.")] = None,
+    prompter: Annotated[Path | None, typer.Option(
+        help="UOIS-SAM prompter file (`omnilabel train-prompter`, trained against this job's SAM): images with "
+             "tags or no labels take class-agnostic masks from the prompts it generates (heatmap peaks -> SAM "
+             "-> HDNet) instead of Grounding DINO -> SAM. With --clip each mask is classified as --proposals "
+             "classifies entities (among the image's tags; every class for unlabelled images and --weak none; "
+             "kept at --proposal-threshold); without --clip every mask goes out as category `object`, which "
+             "the output adds to its categories. Works with `--detector none` (so `--weak none --detector none "
+             "--prompter P` labels every image); with a detector, the detector only refines points. Not with "
+             "--proposals or --refiner.")] = None,
     proposal_threshold: Annotated[float, typer.Option(
-        help="--proposals: keep an entity when CLIP gives its label at least this probability; 0.5, the "
-             "majority: more than every other class and the background together.")] = 0.5,
+        help="--proposals, or --prompter with --clip: keep a mask when CLIP gives its label at least this "
+             "probability; 0.5, the majority: more than every other class and the background "
+             "together.")] = 0.5,
     refiner: Annotated[Path | None, typer.Option(
         help="SUM refiner (`finetune-teacher --prompts refine`): also write each pseudomask's uncertainty map "
              "(OUTPUT.uncertainty/) and `omnilabel.uncertainty_mean`, in the same pass. Refused with "
-             "--proposals (entity masks have no SAM logits to refine).")] = None,
+             "--proposals (entity masks have no SAM logits to refine) and --prompter.")] = None,
     box_threshold: Annotated[float, typer.Option(help="GDino confidence kept for tags/none (paper: 0.3).")] = 0.3,
     nms_iou: Annotated[float, typer.Option(help="GDino NMS IoU threshold (paper: 0.9).")] = 0.9,
     encoder_batch: Annotated[int, typer.Option(
@@ -95,7 +106,8 @@ def pseudomask(
 
     Boxes prompt SAM directly; points go SAM → Grounding DINO refinement (Algorithm 1) → SAM with box and
     point; tags (and unlabelled images) go Grounding DINO with the image's classes → SAM, or with
-    `--proposals` take the entity masks of `omnilabel entities` that CLIP classifies. Annotations with
+    `--proposals` take the entity masks of `omnilabel entities` that CLIP classifies, or with `--prompter` the
+    masks of UOIS-SAM's generated prompts (classified by `--clip`, else category `object`). Annotations with
     a `segmentation` pass through untouched. Each image is encoded by SAM once. The job is resumable: rerun
     it after an interruption. Default `--batch-size`: 16 images per shard.
     """
@@ -110,10 +122,13 @@ def pseudomask(
              "teacher_refine": teacher_refine}
     spec = TeacherSpec(sam=sam, detector=detector, device=device, box_threshold=box_threshold, nms_iou=nms_iou,
                        clip=clip, clip_arch=clip_arch, refiner=None if refiner is None else str(refiner),
+                       prompter=None if prompter is None else str(prompter),
                        **{k: str(v) for k, v in roles.items() if v is not None})
     setting = None if proposals is None else ProposalConfig(threshold=proposal_threshold)
+    classify = None if prompter is None or clip is None else ProposalConfig(threshold=proposal_threshold)
     config = PseudomaskConfig(teachers=spec, pipeline=PipelineConfig(weak=weak, box_threshold=box_threshold,
-                                                                      refine=refine, proposals=setting),
+                                                                      refine=refine, proposals=setting,
+                                                                      prompter_clip=classify),
                               throughput=Throughput(encoder_batch=encoder_batch, prefetch=prefetch),
                               proposals=proposals)
     target = output or default_output(coco, ".pseudo.json")

@@ -11,6 +11,12 @@ once, on the driver (``teachers.proposals.read_proposals``); each task carries i
 (RLE), so no worker reads the file. An image that needs them (tags, no labels) and is not in the file is left
 out of the output, as an image that needs a detector is without one: kept with its tags unlabelled, it would
 teach a student that its tagged objects are background. A warning counts them.
+
+With a UOIS-SAM prompter (``TeacherSpec.prompter``, ``--prompter``) the tags/none images take the prompter's masks
+instead (``teachers.prompted``), with or without a detector. With ``--clip`` each mask is classified; without,
+every one takes a category the output adds for them, ``{"id": max(ids) + 1, "name": "object"}``, recorded as
+the prompter's in ``info.omnilabel.prompter.category_id``. The manifest holds the prompter file's sha256 and
+whether its masks are classified, so another prompter (or ``--clip``) is another job.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from omnilabel.teachers.loading import (
     resolve_refs,
 )
 from omnilabel.teachers.pipeline import PipelineConfig, PseudomaskPipeline
+from omnilabel.teachers.prompted import check_prompter
 from omnilabel.teachers.proposals import ProposalConfig, ProposalIndex, read_proposals
 
 #: Images per shard (``--batch-size``): the unit of resume (and, on Ray, of scheduling).
@@ -237,6 +244,37 @@ def _proposal_setting(config: PseudomaskConfig) -> tuple[PipelineConfig, Path | 
     return pipeline, Path(config.proposals)
 
 
+#: The name of the category of class-agnostic prompter masks (``--prompter`` without ``--clip``).
+PROMPTER_CATEGORY = "object"
+
+
+def _prompter_setting(pipeline: PipelineConfig, spec: TeacherSpec,
+                      data: dict[str, Any]) -> tuple[PipelineConfig, dict[str, Any] | None]:
+    """The pipeline setting with its prompter fields filled in, and the category the output adds (or None).
+
+    With ``--clip`` the masks are classified (``prompter_clip``, by default ``ProposalConfig()``); without, they
+    take a new category id, one above the dataset's largest.
+
+    Raises:
+        InputError: a prompter with proposals or ``--refiner`` (``teachers.prompted.check_prompter``), or
+            prompter settings without a prompter.
+    """
+    if spec.prompter is None:
+        if pipeline.prompter_category is not None or pipeline.prompter_clip is not None:
+            raise InputError("the pipeline has prompter settings but no prompter file was given (--prompter)")
+        return pipeline, None
+    category = None
+    if spec.clip is not None:
+        pipeline = replace(pipeline, prompter_category=None, prompter_clip=pipeline.prompter_clip or ProposalConfig())
+    else:
+        category = {"id": max((int(c["id"]) for c in data["categories"]), default=0) + 1,
+                    "name": PROMPTER_CATEGORY, "supercategory": PROMPTER_CATEGORY}
+        pipeline = replace(pipeline, prompter_category=category["id"], prompter_clip=None)
+    check_prompter(pipeline, categories=category_names(data), has_refiner=spec.refiner is not None,
+                   has_classifier=spec.clip is not None)
+    return pipeline, category
+
+
 def _join_proposals(plan: WeakPlan, data: dict[str, Any], path: Path, *, source: str,
                     on_event: OnEvent | None) -> tuple[WeakPlan, ProposalIndex]:
     """Read the entities of the images that need them; leave out the images the file does not have.
@@ -296,10 +334,11 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         (with proposals: images that need them and are not in the file; not in the output), ``missing``.
 
     Raises:
-        InputError: bad input or flags, a bad entities file (``read_proposals``), ``--refiner`` with proposals,
-            or no image exists (nothing is written). CheckpointError: a model
-            cannot be had. JobError: the job directory holds a different job, or every image failed (the
-            output is not written).
+        InputError: bad input or flags, a bad entities file (``read_proposals``), ``--refiner`` with proposals
+            or a prompter, a prompter with proposals, or no image exists (nothing is written). CheckpointError: a
+            model cannot be had, or the prompter was trained against another SAM than the job's (when the
+            models load, before any image). JobError: the job directory holds a different job, or every image
+            failed (the output is not written).
     """
     t_start = time.perf_counter()
     job, config = job or JobOptions(), config or PseudomaskConfig()
@@ -308,7 +347,10 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     source = str(inputs.coco)
     pipeline, proposals_path = _proposal_setting(config)
     data = load_coco(inputs.coco, images_dir=images_dir, allow_outside_images=inputs.allow_outside_images)
-    plan = plan_weak(data, pipeline.weak, has_detector=spec.has_detector or proposals_path is not None, source=source)
+    pipeline, prompter_category = _prompter_setting(pipeline, spec, data)
+    prompted = spec.prompter is not None
+    plan = plan_weak(data, pipeline.weak, has_detector=spec.has_detector or proposals_path is not None or prompted,
+                     source=source)
     plan.raise_problems(source)
     index = None
     if proposals_path is not None:
@@ -322,9 +364,9 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
                                           "label them)")
     shard_size = job.unit(DEFAULT_SHARD_SIZE)
     shards = shards_of(tasks, shard_size)
-    if index is None:
+    if index is None and not prompted:
         load_detector = plan.uses_detector(refine_points=pipeline.refine)
-    else:  # the proposals label the tags/none images; a detector is left only the points to refine
+    else:  # proposals or the prompter label the tags/none images; a detector is left only the points to refine
         load_detector = spec.has_detector and pipeline.refine and any(p.has(WeakType.POINT) for p in plan.kept)
     jobdir = JobDir(job.job_dir_for(output))
     manifest = {"omnilabel": __version__, "command": "pseudomask", "input_sha256": file_sha256(inputs.coco),
@@ -339,9 +381,24 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
         proposals_record = {"file": str(proposals_path.resolve()), "sha256": file_sha256(proposals_path),
                             "threshold": pipeline.proposals.threshold, "classifier": manifest["models"]["classifier"]}
         manifest["proposals"] = {"sha256": proposals_record["sha256"]}
+    classify_prompted = prompted and pipeline.prompter_clip is not None
     # Teacher files are read (a missing or foreign one fails here, before the job directory is written) and
     # hashed once; workers get names and paths and find them on their own nodes.
-    refs = model_refs(spec, load_detector=load_detector, load_classifier=proposals_path is not None)
+    refs = model_refs(spec, load_detector=load_detector,
+                      load_classifier=proposals_path is not None or classify_prompted)
+    prompter_record: dict[str, Any] | None = None
+    if prompted:
+        assert spec.prompter is not None
+        manifest["models"]["prompter"] = model_id(spec.prompter)
+        manifest["models"]["prompter_sha256"] = refs["prompter"].sha256
+        if classify_prompted:
+            manifest["models"]["classifier"] = model_id(spec.clip or DEFAULT_CLIP)
+        manifest["prompter"] = {"sha256": refs["prompter"].sha256, "classify": classify_prompted}
+        prompter_record = {"file": refs["prompter"].source, "sha256": refs["prompter"].sha256,
+                           "backbone": refs["prompter_backbone"].source,
+                           "classifier": manifest["models"].get("classifier") if classify_prompted else None,
+                           "threshold": pipeline.prompter_clip.threshold if pipeline.prompter_clip else None,
+                           "category_id": None if prompter_category is None else prompter_category["id"]}
     if (mismatch := refiner_mismatch(spec, refs)) is not None:
         emit(on_event, "warning", message=mismatch)
     for role, path in spec.teacher_files().items():
@@ -373,6 +430,10 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
                                                       "version": __version__}
     if proposals_record is not None:
         header["info"]["omnilabel"]["proposals"] = proposals_record
+    if prompter_record is not None:
+        header["info"]["omnilabel"]["prompter"] = prompter_record
+    if prompter_category is not None:  # the category of the class-agnostic prompter masks
+        header["categories"] = [*header.get("categories", []), prompter_category]
     errors_path = jobdir.path / "errors.jsonl"
     summary = merge_shards(jobdir, len(shards), header=header, output=output, errors_path=errors_path)
     summary.update(skipped_shards=skipped, wall_s=time.perf_counter() - t_start, output=str(output),

@@ -2,7 +2,13 @@
 
 A model is loaded only when the setting needs it: no GDino for ``boxes`` or with ``--detector none``; CLIP's
 text tower when a fine-tuned teacher has a class module; CLIP with both towers (the ``classifier``) when
-entity proposals are labelled (``pseudomask --proposals``).
+entity proposals are labelled (``pseudomask --proposals``) or the masks of a UOIS-SAM prompter are
+(``pseudomask --prompter P --clip C``).
+
+A prompter (``TeacherSpec.prompter``, a ``train-prompter`` file) brings its DINOv2 backbone (the name or folder
+its file records) and must have been trained against the job's SAM: the one that encodes every image and
+decodes for the roles without a teacher of their own (``Teachers.sam``: ``--teacher``'s when given, else the
+base SAM's). Another SAM is refused when the models load (``uois.check_sam``), before any image is labelled.
 
 Fine-tuned teachers (``omnilabel finetune-teacher``), one per role of the paper: ``teacher`` is used for
 every SAM stage; ``teacher_box`` (box-SAM: boxes and detections), ``teacher_point`` (P-SAM: stage 1 of the
@@ -70,6 +76,8 @@ class TeacherSpec:
             name, else ``ViT-B-32``); a class-aware teacher's CLIP takes the one its file records.
         refiner: SUM refinement module (a ``--prompts refine`` teacher file) that scores every pseudomask with an
             uncertainty map, or None.
+        prompter: UOIS-SAM prompter file (``train-prompter``) whose generated prompts label the images that
+            need a detector (tags, unlabelled), or None.
     """
 
     sam: str | None = None
@@ -85,6 +93,7 @@ class TeacherSpec:
     clip: str | None = None
     refiner: str | None = None
     clip_arch: str | None = None
+    prompter: str | None = None
 
     @property
     def has_detector(self) -> bool:
@@ -174,11 +183,12 @@ def model_refs(spec: TeacherSpec, *, load_detector: bool, load_classifier: bool 
 
     Keys: ``sam`` (unless a teacher holds the encoder), each role given, ``clip`` (class-aware teachers),
     ``detector`` (when ``load_detector`` and the spec has one), ``classifier`` (CLIP with its image tower, for
-    entity proposals, when ``load_classifier``).
+    entity proposals or prompter masks, when ``load_classifier``), and with a prompter ``prompter`` (the file,
+    with its sha256) and ``prompter_backbone`` (the DINOv2 its file records, kind ``dinov2``).
 
     Raises:
-        CheckpointError: a teacher file is missing or unreadable; a name is unknown; the teachers disagree on
-            their CLIP.
+        CheckpointError: a teacher or prompter file is missing or unreadable; a name is unknown; the teachers
+            disagree on their CLIP.
     """
     from omnilabel.models.registry import weight_ref
 
@@ -198,6 +208,12 @@ def model_refs(spec: TeacherSpec, *, load_detector: bool, load_classifier: bool 
         refs["detector"] = weight_ref(spec.detector, kind="gdino")
     if load_classifier:
         refs["classifier"] = weight_ref(spec.clip or DEFAULT_CLIP, kind="clip")
+    if spec.prompter is not None:
+        from omnilabel.teachers.uois import read_prompter
+
+        pf = read_prompter(spec.prompter)
+        refs["prompter"] = weight_ref(pf.path, kind="prompter", sha256=file_sha256(pf.path))
+        refs["prompter_backbone"] = weight_ref(str(pf.backbone["source"]), kind="dinov2")
     return refs
 
 
@@ -258,7 +274,8 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         categories: category id → name of the dataset (class-aware teachers embed these names).
 
     Raises:
-        CheckpointError: a teacher does not fit the job's image encoder or CLIP. InputError: no CUDA for ``cuda``.
+        CheckpointError: a teacher does not fit the job's image encoder or CLIP; the prompter was trained against
+            another SAM (naming both) or on another backbone. InputError: no CUDA for ``cuda``.
     """
     import torch
 
@@ -318,9 +335,17 @@ def load_teachers(spec: TeacherSpec, paths: dict[str, Path], *, categories: dict
         classifier = ClipImageClassifier.from_pretrained(paths["classifier"], model_name=clip_arch(spec),
                                                          device=spec.device)
         ids["classifier"] = model_id(spec.clip or DEFAULT_CLIP)
+    prompter = None
+    if "prompter" in paths:
+        from omnilabel.teachers.uois import load_prompter, read_prompter
+
+        sam_name = f"--teacher {files['teacher'].path}" if "teacher" in files else encoder_name
+        prompter = load_prompter(read_prompter(paths["prompter"]), sam, paths["prompter_backbone"],
+                                 sam_name=sam_name)
+        ids["prompter"] = model_id(str(spec.prompter or paths["prompter"]))
     return Teachers(sam=sam, detector=detector, box_sam=roles.get("teacher_box"),
                     point_sam=roles.get("teacher_point"), refine_sam=roles.get("teacher_refine"),
-                    refiner=roles.get("refiner"), classifier=classifier, model_ids=ids)
+                    refiner=roles.get("refiner"), classifier=classifier, prompter=prompter, model_ids=ids)
 
 
 def clip_arch(spec: TeacherSpec) -> str:

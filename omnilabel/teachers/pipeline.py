@@ -13,6 +13,13 @@ The four settings of the paper (§3.5, §4.1) and their mix, all in one pass per
 - With entity proposals (``PipelineConfig.proposals``, ``pseudomask --proposals``), the tags/none consumers
   take the image's entity masks instead of detections: each is classified by CLIP's image tower and kept as it
   is, with no SAM pass (``omnilabel.teachers.proposals``); the detector, if any, still refines points.
+- With a UOIS-SAM prompter (``Teachers.prompter``, ``pseudomask --prompter``), the tags/none consumers take the
+  prompter's class-agnostic masks instead of detections, decoded from the image's one SAM embedding: classified
+  by CLIP as entity proposals are (with ``Teachers.classifier``), else all of the category
+  ``PipelineConfig.prompter_category`` (``omnilabel.teachers.prompted``); the detector, if any, still refines
+  points. Each records its generated prompt (``{"point": [x, y]}``) and HDNet's adapted score Ŝ'
+  (``prompter_score``); its ``score`` is Ŝ' clipped to [0, 1], times CLIP's probability of its label when
+  classified (``clip_score``). ``--refiner`` is refused with a prompter (``teachers.prompted.check_prompter``).
 
 What each image gets is decided by its ``ImagePlan`` (``omnilabel.data.weak.plan_weak``, made once for the
 whole job): the weak type each annotation is used as and what the detector looks for. Annotations with a
@@ -32,7 +39,8 @@ Choices where the paper is silent:
 - One object, one annotation: a tag detection whose mask covers an object already annotated on the same
   image — a GT mask, or the pseudomask of a point or box, of the same class, at mask IoU ≥ ``dedup_iou``
   (0.5) — is dropped and counted (``duplicate``). This happens under ``auto``, where an image may carry
-  tags beside masks, points or boxes.
+  tags beside masks, points or boxes. Entity proposals and classified prompter masks follow the same rule; a
+  class-agnostic prompter mask (``prompter_category``) is a duplicate of an annotated object of any class.
 - Crowd annotations (``iscrowd: 1``) stay crowd regions: their pseudomasks keep ``iscrowd: 1`` (pycocotools
   and the student then ignore them), and crowd points take no part in Algorithm 1's matching (their stage-2
   box is B_sam). A crowd tag only says that its class is present: its detections are ordinary instances.
@@ -62,6 +70,7 @@ from omnilabel.instances import NO_WEAK_ID, Instances
 from omnilabel.ops.boxes import masks_to_prompt_boxes_xyxy
 from omnilabel.ops.masks import covered_by_same_class, masks_to_rle, segmentation_to_rle
 from omnilabel.ops.refine import refine_prompts
+from omnilabel.teachers.prompted import agnostic_instances, check_prompter, classified_instances, prompted_extras
 from omnilabel.teachers.proposals import ProposalConfig, classify_entities
 from omnilabel.teachers.uncertainty import UncertaintyScorer, prompt_points
 
@@ -69,6 +78,7 @@ if TYPE_CHECKING:
     from omnilabel.teachers.gdino import GDinoTeacher
     from omnilabel.teachers.proposals import ClipImageClassifier
     from omnilabel.teachers.sam import ImageEmbedding, SamTeacher
+    from omnilabel.teachers.uois import UoisPrompter
 
 #: Scores are written with 6 decimals: enough to rank, and the last bits of float sums depend on thread count.
 SCORE_DECIMALS = 6
@@ -90,6 +100,10 @@ class PipelineConfig:
             the same image is dropped (one object, one annotation; 0.5, COCO's loosest match).
         proposals: label tags/none images from their entity masks with this setting instead of the detector
             (``omnilabel.teachers.proposals``; needs ``Teachers.classifier``), or None.
+        prompter_category: with ``Teachers.prompter`` and no classifier, the category id of every prompter
+            mask (the job declares it in the output's categories as ``object``); not a dataset class.
+        prompter_clip: with ``Teachers.prompter`` and ``Teachers.classifier``, how CLIP classifies each prompter
+            mask (threshold, crop margin; None: ``ProposalConfig()``).
     """
 
     weak: WeakMode = WeakMode.AUTO
@@ -101,6 +115,8 @@ class PipelineConfig:
     refine: bool = True
     dedup_iou: float = 0.5
     proposals: ProposalConfig | None = None
+    prompter_category: int | None = None
+    prompter_clip: ProposalConfig | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -124,7 +140,10 @@ class Teachers:
         point_sam: stage-1 decoder of the points setting (P-SAM).
         refine_sam: stage-2 decoder of the points setting (BP-SAM).
         refiner: SUM's refinement module; when given, every pseudomask gets an uncertainty map.
-        classifier: CLIP's image and text towers, which label entity proposals (``PipelineConfig.proposals``).
+        classifier: CLIP's image and text towers, which label entity proposals (``PipelineConfig.proposals``)
+            or the prompter's masks.
+        prompter: UOIS-SAM's prompt generator + HDNet, decoding with ``sam``: labels the tags/none images instead
+            of the detector (class-agnostic without ``classifier``), or None.
         model_ids: names recorded in each pseudomask's ``omnilabel.teacher``.
     """
 
@@ -135,6 +154,7 @@ class Teachers:
     refine_sam: SamTeacher | None = None
     refiner: SamTeacher | None = None
     classifier: ClipImageClassifier | None = None
+    prompter: UoisPrompter | None = None
     model_ids: dict[str, str] = field(default_factory=dict)
 
 
@@ -196,11 +216,13 @@ class _Prepared:
     detections: Instances
     tag_dets: Instances
     proposed: _Part | None = None
+    prompt_classes: list[int] | None = None
 
     @property
     def needs_sam(self) -> bool:
-        """Whether any prompt is left for SAM (else the image is done: GT passthrough only)."""
-        return bool(len(self.points) or len(self.boxes) or len(self.tag_dets))
+        """Whether any prompt is left for SAM (else the image is done: GT passthrough only); the prompter's
+        prompts (``prompt_classes`` not None: the classes its masks may take) are made after the encode."""
+        return bool(len(self.points) or len(self.boxes) or len(self.tag_dets) or self.prompt_classes is not None)
 
 
 def _memory_error(exc: BaseException) -> MemoryError:
@@ -239,6 +261,11 @@ class PseudomaskPipeline:
         if self.config.proposals is not None and (teachers.classifier is None or self.scorer is not None):
             raise InputError("entity proposals need a CLIP classifier and no refiner (entity masks have no SAM "
                              "logits to refine)")
+        if teachers.prompter is not None:
+            if teachers.prompter.sam is not teachers.sam:
+                raise InputError("the prompter must decode with Teachers.sam, the SAM that encodes every image")
+            check_prompter(self.config, categories=self.categories, has_refiner=self.scorer is not None,
+                           has_classifier=teachers.classifier is not None)
 
     def plan(self, annotations: Sequence[Mapping[str, Any]]) -> ImagePlan:
         """The plan of one image on its own (a job plans every image once, with ``plan_weak``).
@@ -246,8 +273,8 @@ class PseudomaskPipeline:
         Raises:
             InputError: an annotation does not fit the mode.
         """
-        plan, problems = plan_image([dict(a) for a in annotations], self.config.weak,
-                                    has_detector=self.teachers.detector is not None)
+        labeller = self.teachers.detector or self.teachers.prompter  # what labels the tags/none images
+        plan, problems = plan_image([dict(a) for a in annotations], self.config.weak, has_detector=labeller is not None)
         if problems:
             raise InputError(f"{len(problems)} annotation(s) do not fit --weak {self.config.weak.value}", problems)
         return plan
@@ -386,7 +413,9 @@ class PseudomaskPipeline:
         elif plan.detect is WeakType.NONE:
             tag_classes = sorted(self.categories)
 
-        proposed = None
+        proposed, prompt_classes = None, None
+        if self.teachers.prompter is not None and plan.detect is not None:
+            prompt_classes, tag_classes = tag_classes, []  # the detector looks for the points' classes only
         if cfg.proposals is not None and plan.detect is not None:
             proposed = self._propose(image_rgb, entities, tag_classes, plan, result)
             tag_classes = []  # the detector looks for the points' classes only
@@ -406,7 +435,7 @@ class PseudomaskPipeline:
                               & (detections.scores >= cfg.box_threshold)]
         return _Prepared(image_rgb=image_rgb, plan=plan, result=result, by_kind=by_kind, points=points,
                          points_crowd=points_crowd, boxes=boxes, detections=detections, tag_dets=tag_dets,
-                         proposed=proposed)
+                         proposed=proposed, prompt_classes=prompt_classes)
 
     def _propose(self, image_rgb: np.ndarray, entities: Sequence[Mapping[str, Any]] | None, allowed: list[int],
                  plan: ImagePlan, result: ImageResult) -> _Part | None:
@@ -441,8 +470,12 @@ class PseudomaskPipeline:
                                  result)
         if prep.proposed is not None:
             parts.append(prep.proposed)
-        if (len(prep.tag_dets) or prep.proposed is not None) and len(parts) > 0:
-            self._drop_duplicates(parts, by_kind[WeakType.FULL], result)
+        prompted = None if prep.prompt_classes is None else self._prompted(prep, emb, result)
+        if prompted is not None:
+            parts.append(prompted)
+        if len(prep.tag_dets) or prep.proposed is not None or prompted is not None:
+            self._drop_duplicates(parts, by_kind[WeakType.FULL], result,
+                                  any_class=prompted is not None and self.teachers.classifier is None)
 
         for part in parts:
             areas = part.inst.masks_bool().sum(axis=(1, 2))
@@ -490,8 +523,10 @@ class PseudomaskPipeline:
         first = np.arange(len(prompts)) < n_box
         return [part[m] for m in (first, ~first) if m.any()]
 
-    def _drop_duplicates(self, parts: list[_Part], gt_anns: Sequence[Mapping[str, Any]], result: ImageResult) -> None:
-        """One object, one annotation: drop the detections (the last part) that repeat an annotated object."""
+    def _drop_duplicates(self, parts: list[_Part], gt_anns: Sequence[Mapping[str, Any]], result: ImageResult, *,
+                         any_class: bool = False) -> None:
+        """One object, one annotation: drop the detections (the last part) that repeat an annotated object (of
+        their class; of any class for class-agnostic masks, ``any_class``)."""
         dets = parts[-1]
         if not dets.extras or dets.extras[0]["weak"] not in (WeakType.TAG.value, WeakType.NONE.value):
             return
@@ -503,12 +538,37 @@ class PseudomaskPipeline:
             ref_classes += [int(c) for c in part.inst.category_ids]
         if not refs:
             return
+        if any_class:
+            ref_classes = [int(dets.inst.category_ids[0])] * len(refs)
         dup = covered_by_same_class(masks_to_rle(dets.inst.masks_bool()), dets.inst.category_ids, refs,
                                     np.asarray(ref_classes, dtype=np.int64), iou_thresh=self.config.dedup_iou)
         if dup.any():
             result.counts["duplicate"] += int(dup.sum())
             keep = ~dup
             parts[-1] = dets[keep]
+
+    def _prompted(self, prep: _Prepared, emb: ImageEmbedding, result: ImageResult) -> _Part | None:
+        """The prompter's masks of a tags/none image (``omnilabel.teachers.prompted``), as the detections part."""
+        prompter, classifier, kind = self.teachers.prompter, self.teachers.classifier, prep.plan.detect
+        assert prompter is not None and prep.prompt_classes is not None and kind is not None
+        t0 = time.perf_counter()
+        found = prompter.segment(prep.image_rgb, emb)
+        result.seconds["prompter"] += time.perf_counter() - t0
+        if classifier is None:
+            assert self.config.prompter_category is not None
+            inst = agnostic_instances(found, category_id=self.config.prompter_category)
+        else:
+            t0 = time.perf_counter()
+            inst, counts = classified_instances(classifier, prep.image_rgb, found, allowed_ids=prep.prompt_classes,
+                                                categories=self.categories,
+                                                config=self.config.prompter_clip or ProposalConfig())
+            result.seconds["classify"] += time.perf_counter() - t0
+            result.counts.update({k: v for k, v in counts.items() if v})
+        if not len(inst):
+            return None
+        n = len(inst)
+        return _Part(inst, prompted_extras(inst, weak=kind.value, decimals=SCORE_DECIMALS), np.zeros(n, dtype=bool),
+                     np.zeros((n, 0), dtype=np.float32), inst.points_xy)
 
     def _points(self, emb: ImageEmbedding, points: Instances, crowd: np.ndarray, detections: Instances,
                 result: ImageResult) -> _Part:
