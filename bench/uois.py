@@ -16,7 +16,8 @@ here, so the prompt generator's head learns from random frozen features):
    Table IV) followed by the same mask NMS and area filter. Also: the share of generated prompts inside a GT mask,
    the share of GT objects with at least one prompt, masks and seconds per image.
 
-    python bench/uois.py                      # about 10 minutes on 2 CPU cores
+    python bench/uois.py                      # about 25 minutes on 2 CPU cores (training 11, comparison 12)
+    python bench/uois.py --work W --prompter W/prompter.pt   # the comparison again, on a prompter trained before
     python bench/uois.py --train-scenes 100 --epochs 5 --images 10 --no-write   # check the script, ~2 minutes
 """
 
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="train-prompter epochs (paper: 30)")
     parser.add_argument("--images", type=int, default=60, help="example images to evaluate on (60: all)")
     parser.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temp folder)")
+    parser.add_argument("--prompter", type=Path, default=None,
+                        help="a prompter this script trained before (its --work folder): skip training")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
 
@@ -155,18 +158,25 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="omnilabel-uois-"))
     work.mkdir(parents=True, exist_ok=True)
     dino = build_tiny_dinov2(work / "dinov2-tiny", seed=0, patch_size=8, hidden_size=64, num_layers=2)
-    omnilabel("synth", work / "train", "--n", args.train_scenes, "--seed", 1000)
-    omnilabel("synth", work / "val", "--n", args.val_scenes, "--seed", 2000)
-    prompter = work / "prompter.pt"
-    t_train = omnilabel("train-prompter", work / "train" / "coco.json", "--images", work / "train" / "images",
+    if args.prompter is None:
+        omnilabel("synth", work / "train", "--n", args.train_scenes, "--seed", 1000)
+        omnilabel("synth", work / "val", "--n", args.val_scenes, "--seed", 2000)
+    prompter = args.prompter or work / "prompter.pt"
+    train = work / "train"
+    t_train = float("nan") if args.prompter else omnilabel(
+                        "train-prompter", train / "coco.json", "--images", train / "images",
                         "--val", work / "val" / "coco.json", "--val-images", work / "val" / "images",
                         "--teacher", TEACHER, "--backbone", dino, "--input-size", "128x128", "--sigma", 5,
                         "--batch-size", 8, "--epochs", args.epochs, "-o", prompter, "--overwrite")
+    # the example's images with no labels at all (GT masks would pass through untouched)
+    unlabelled = work / "unlabelled.json"
+    unlabelled.write_text(json.dumps({**json.loads((SHAPES / "gt.json").read_text()), "annotations": []}))
     out = work / "pseudo.json"
-    t_pseudo = omnilabel("pseudomask", SHAPES / "gt.json", "--weak", "none", "--detector", "none", "--images",
+    t_pseudo = omnilabel("pseudomask", unlabelled, "--weak", "none", "--detector", "none", "--images",
                          SHAPES / "images", "--teacher", TEACHER, "--prompter", prompter, "-o", out, "--overwrite")
     omnilabel("evaluate", out, "--gt", SHAPES / "gt.json", "--uois", "--json", work / "eval.json")
-    job = json.loads((work / "eval.json").read_text())["uois"]
+    evaluated = json.loads((work / "eval.json").read_text())
+    job = evaluated["uois"]
     res = compare(prompter, args.images)
 
     def prf(d: dict[str, float]) -> str:
@@ -178,7 +188,8 @@ def main() -> None:
                             "s/img"], rows)
     job_line = (f"`pseudomask --weak none --detector none --prompter` on all {job['images']} images, then "
                 f"`evaluate --uois`: Overlap {prf(job['overlap'])}, Boundary {prf(job['boundary'])}, %75 "
-                f"{100 * job['f75']:.1f} ({t_pseudo:.0f} s for the job).")
+                f"{100 * job['f75']:.1f}; class-agnostic mask AP {evaluated['segm']['AP']:.3f} / AP50 "
+                f"{evaluated['segm']['AP50']:.3f} ({t_pseudo:.0f} s for the job).")
     uois, grid = res["methods"]["UOIS-SAM (HPG + HDNet)"], res["methods"]["32x32 grid, SAM's scores"]
     amg = res["methods"]["SAM AMG (defaults)"]
     verdict = (f"UOIS-SAM's Overlap F is {100 * uois['overlap']['F']:.1f} against {100 * amg['overlap']['F']:.1f} "
@@ -189,7 +200,8 @@ def main() -> None:
 {today()}. {machine_line(threads=usable_cores(), device="cpu")}. `{command_line()}`
 
 The shipped example teacher and a prompter trained by `train-prompter` on {args.train_scenes} synthetic scenes
-(validation {args.val_scenes}; {args.epochs} epochs, batch 8, HPG at 128 x 128, sigma 5 px; {t_train:.0f} s in all)
+(validation {args.val_scenes}; {args.epochs} epochs, batch 8, HPG at 128 x 128, head width 256, sigma 5 px;
+{"trained by an earlier run" if args.prompter else f"{t_train:.0f} s of training in all"})
 on a **tiny random DINOv2** (8-px patches, 64 wide, 2 layers: no real DINOv2 can be downloaded here), evaluated on
 the first {res['images']} images of `examples/shapes` (128 px, class-agnostic, per-image means, percent).
 

@@ -198,7 +198,7 @@ def pseudomask_tables(summary: dict[str, Any]) -> list[Table]:
 
 def evaluate_tables(result: dict[str, Any], name: str) -> list[Table]:
     """The tables of ``evaluate`` (``omnilabel.eval.report.evaluate_files``' result)."""
-    title = f"COCO segm AP — {name}"
+    title = f"COCO segm AP{' (class-agnostic)' if result.get('class_agnostic') else ''} — {name}"
     if result["images"] != result["gt_images"]:
         title += f" (its {result['images']} of the GT's {result['gt_images']} images)"
     ap = Table(title=title)

@@ -31,7 +31,9 @@ def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | P
         uois: also compute the class-agnostic UOIS metrics over the images AP is over.
 
     Returns:
-        ``segm`` (AP, AP50, AP75, APs, APm, APl), ``images`` (how many images AP is over), ``gt_images``;
+        ``segm`` (AP, AP50, AP75, APs, APm, APl), ``class_agnostic`` (True for a file with class-agnostic
+        pseudomasks, ``pseudomask --prompter`` without ``--clip``: its AP is then over one category, every GT and
+        predicted class counted as it), ``images`` (how many images AP is over), ``gt_images``;
         for pseudomask files ``teacher``: weak type → ``count``, ``miou``, ``boundary_iou``; with ``uois``,
         ``uois``: ``overlap`` and ``boundary`` ``{"P", "R", "F"}``, ``f75`` (floats in [0, 1], per-image
         means), ``images``, ``gt_objects``, ``pred_objects`` (see ``omnilabel.eval.uois.evaluate_uois``).
@@ -47,7 +49,10 @@ def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | P
     elif not isinstance(pred, list):
         raise InputError(f"{predictions}: expected a COCO results list or a COCO file, got {type(pred).__name__}")
     image_ids = [int(im["id"]) for im in pred["images"]] if isinstance(pred, dict) else None
-    result: dict[str, Any] = {"segm": evaluate_segm(pred, gt_data, image_ids=image_ids),
+    agnostic = _agnostic_category(pred)
+    ap_pred, ap_gt = (pred, gt_data) if agnostic is None else _one_category(pred, gt_data, agnostic)
+    result: dict[str, Any] = {"segm": evaluate_segm(ap_pred, ap_gt, image_ids=image_ids),
+                              "class_agnostic": agnostic is not None,
                               "images": len(image_ids) if image_ids is not None else len(gt_data["images"]),
                               "gt_images": len(gt_data["images"])}
     if isinstance(pred, dict) and has_weak_ids(pred):
@@ -57,3 +62,24 @@ def evaluate_files(predictions: str | Path, gt: str | Path, *, json_out: str | P
     if json_out is not None:
         write_json_atomic({k: v for k, v in result.items() if k != "gt_images"}, json_out)
     return result
+
+
+def _agnostic_category(pred: Any) -> int | None:
+    """The class-agnostic category a pseudomask file declares (``info.omnilabel.prompter.category_id``), or None."""
+    if not isinstance(pred, dict):
+        return None
+    prompter = ((pred.get("info") or {}).get("omnilabel") or {}).get("prompter") or {}
+    category = prompter.get("category_id") if isinstance(prompter, dict) else None
+    return None if category is None else int(category)
+
+
+def _one_category(pred: dict[str, Any], gt: dict[str, Any], category_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Copies of ``pred`` and ``gt`` whose every annotation has ``category_id``, the one category of both."""
+    category = next((c for c in pred["categories"] if int(c["id"]) == category_id),
+                    {"id": category_id, "name": "object"})
+
+    def relabel(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "categories": [category],
+                "annotations": [{**a, "category_id": category_id} for a in data["annotations"]]}
+
+    return relabel(pred), relabel(gt)

@@ -244,8 +244,9 @@ def _train(train_files: list[Path], val_files: list[Path], state_path: Path, spe
                        "sha256": state_dict_sha256(backbone.state_dict()),
                        "hidden_size": int(backbone.config.hidden_size), "patch_size": int(backbone.config.patch_size)}
     dim = int(np.load(train_files[0])["iou_token"].shape[1])
-    torch.manual_seed(recipe.seed)
-    hpg, hdnet = Hpg(backbone, hpg_config), HDNet(dim)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's generator left as it was
+        torch.manual_seed(recipe.seed)
+        hpg, hdnet = Hpg(backbone, hpg_config), HDNet(dim)
     trainer = PrompterTrainer(hpg, hdnet, recipe, device=spec.device)
     start, history = 0, []
     best: dict[str, Any] = {"hpg": None, "hdnet": None}

@@ -456,6 +456,9 @@ def load_prompter(pf: PrompterFile, sam: SamTeacher, backbone_path: str | Path, 
                               f"({pf.backbone.get('source')}); the weights at {backbone_path} are another model")
     hpg = Hpg(backbone, pf.hpg)
     load_strict(hpg.head, pf.head, "prompt generator head", pf.path)
-    hdnet = HDNet(int(pf.hdnet["mlp.0.weight"].shape[1]) // 2)
+    width = pf.hdnet.get("mlp.0.weight")
+    if width is None or width.ndim != 2:
+        raise CheckpointError(f"{pf.path}: its HDNet weights are incomplete (no mlp.0.weight)")
+    hdnet = HDNet(int(width.shape[1]) // 2)
     load_strict(hdnet, pf.hdnet, "HDNet", pf.path)
     return UoisPrompter(hpg.to(device), hdnet.to(device), sam, uois or pf.uois)

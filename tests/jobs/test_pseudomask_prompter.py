@@ -268,3 +268,20 @@ def test_two_ray_workers_equal_in_process(data, tiny_sam_path, models, none_run)
         assert a["omnilabel"].get("prompt") == b["omnilabel"].get("prompt")
         assert a["omnilabel"].get("prompter_score") == pytest.approx(b["omnilabel"].get("prompter_score"), abs=1e-5)
     assert any(a["omnilabel"]["source"] == "pseudo" for a in par["annotations"])
+
+
+def test_evaluate_scores_a_class_agnostic_file_over_one_category(data, none_run, tmp_path):
+    """`evaluate` counts every GT and predicted class as the declared `object`: AP and the UOIS metrics."""
+    from omnilabel.eval.report import evaluate_files
+
+    got = evaluate_files(none_run, data / "coco.json", uois=True, json_out=tmp_path / "m.json")
+    assert got["class_agnostic"] and 0.0 <= got["segm"]["AP"] <= 1.0 and got["images"] == 12
+    # the GT masks passed through are found, whatever their class: AP over them alone is 1
+    pred = json.loads(none_run.read_text())
+    full = set(json.loads((data / "weak_tags.json").read_text())["omnilabel_split"]["full_image_ids"])
+    pred["images"] = [im for im in pred["images"] if im["id"] in full]
+    pred["annotations"] = [a for a in pred["annotations"] if a["image_id"] in full]
+    only_gt = tmp_path / "only_gt.json"
+    only_gt.write_text(json.dumps(pred))
+    assert evaluate_files(only_gt, data / "coco.json", uois=True)["segm"]["AP"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "m.json").read_text())["class_agnostic"] is True

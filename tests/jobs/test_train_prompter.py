@@ -13,6 +13,7 @@ from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.train_prompter import run_train_prompter
 from omnilabel.models.sam_loader import load_sam
 from omnilabel.models.tiny import build_tiny_sam, save_sam_checkpoint
+from omnilabel.models.tiny_dinov2 import build_tiny_dinov2
 from omnilabel.teachers.loading import TeacherSpec
 from omnilabel.teachers.sam import SamTeacher
 from omnilabel.teachers.uois import HpgConfig, load_prompter, read_prompter
@@ -49,6 +50,9 @@ def test_trains_and_writes_a_file_bound_to_its_sam_and_backbone(shapes_coco, tin
     other = SamTeacher(load_sam(save_sam_checkpoint(build_tiny_sam(seed=1), tmp_path / "other.pth")))
     with pytest.raises(CheckpointError, match="trained against SAM"):
         load_prompter(pf, other, tiny_dinov2_dir, sam_name="--sam other.pth")
+    other_backbone = build_tiny_dinov2(tmp_path / "other-dino", seed=1)
+    with pytest.raises(CheckpointError, match="trained on backbone"):
+        load_prompter(pf, sam, other_backbone, sam_name="tiny")
 
 
 class Crash(Exception):
