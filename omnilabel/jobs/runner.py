@@ -175,3 +175,17 @@ def per_image(tasks: Sequence[T], work: Callable[[Any, T], dict[str, Any]]) -> l
         except (InputError, MemoryError) as e:
             records.append({"image_id": task.image_id, "file_name": task.path, "error": str(e)})  # type: ignore[attr-defined]
     return records
+
+
+def checked_size(image_rgb: Any, task: Any) -> tuple[int, int]:
+    """``(H, W)`` of a task's decoded image, which must be the size its COCO entry gives (``task.height``,
+    ``task.width``): masks decoded from the file are made at that size.
+
+    Raises:
+        InputError: naming the image id, its file and both sizes.
+    """
+    h, w = image_rgb.shape[:2]
+    if (h, w) != (task.height, task.width):
+        raise InputError(f"image id={task.image_id}: the file {task.path} is {w} x {h} px, its COCO entry says "
+                         f"{task.width} x {task.height}")
+    return int(h), int(w)

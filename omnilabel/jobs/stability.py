@@ -51,6 +51,7 @@ from omnilabel.jobs.runner import (
     Executor,
     check_images_exist,
     check_not_all_failed,
+    checked_size,
     executor_for,
     per_image,
     run_unfinished_shards,
@@ -258,10 +259,7 @@ class StabilityWorker:
         from omnilabel.eval.miou import boundary_width_px
         from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
 
-        h, w = image.shape[:2]
-        if (h, w) != (task.height, task.width):
-            raise InputError(f"image id={task.image_id}: the file is {w} x {h} px, the COCO file says "
-                             f"{task.width} x {task.height}")
+        h, w = checked_size(image, task)
         seconds = {"prompts": 0.0, "encode": 0.0, "decode": 0.0, "score": 0.0}
         t0 = time.perf_counter()
         gts = rle_to_masks([segmentation_to_rle(a["segmentation"], h, w) for a in task.annotations], h, w)

@@ -36,7 +36,14 @@ from omnilabel.io import atomic_path, file_sha256, save_torch_atomic
 from omnilabel.jobs.jobdir import JobDir
 from omnilabel.jobs.merge import finished_records
 from omnilabel.jobs.options import Dataset, JobOptions
-from omnilabel.jobs.runner import Executor, check_images_exist, executor_for, per_image, run_unfinished_shards
+from omnilabel.jobs.runner import (
+    Executor,
+    check_images_exist,
+    checked_size,
+    executor_for,
+    per_image,
+    run_unfinished_shards,
+)
 from omnilabel.models.registry import WeightRef
 from omnilabel.teachers.loading import TeacherSpec, model_id, model_refs, model_source, resolve_refs
 from omnilabel.teachers.uois import HpgConfig, UoisConfig
@@ -100,10 +107,7 @@ class SampleWorker:
         from omnilabel.ops.masks import rle_to_masks, segmentation_to_rle
         from omnilabel.teachers.uois_train import hdnet_sample, hpg_sample
 
-        h, w = image.shape[:2]
-        if (h, w) != (task.height, task.width):
-            raise InputError(f"image id={task.image_id}: {task.path} is {w}x{h}, its COCO entry says "
-                             f"{task.width}x{task.height}")
+        h, w = checked_size(image, task)
         masks = rle_to_masks([segmentation_to_rle(s, h, w) for s in task.segmentations], h, w)
         arrays = hpg_sample(self.hpg, image, masks)
         rng = np.random.default_rng([self.train.seed, task.image_id])
