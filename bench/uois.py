@@ -211,7 +211,7 @@ the first {res['images']} images of `examples/shapes` (128 px, class-agnostic, p
   {100 * res['gt_hit']:.1f} % of the GT objects get at least one prompt.
 - {job_line}
 - {verdict}. SAM's automatic mask generator keeps few masks with this teacher (its predicted-IoU 0.88 and
-  stability 0.95 filters); the plain grid with SAM's scores at UOIS-SAM's 0.48 threshold is the stronger
+  stability 0.95 filters); the plain grid with SAM's scores at UOIS-SAM's 0.48 threshold is a far stronger
   baseline on these clean scenes, where SAM alone rarely segments background.
 - s/img: encode + prompts + decode + post-processing on 2 CPU cores (AMG: its own encode); the grid decodes
   1,024 prompts per image, UOIS-SAM at most 30.
