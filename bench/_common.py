@@ -12,8 +12,10 @@ import os
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,3 +137,15 @@ def write_section(name: str, body: str, *, path: Path = BENCHMARKS_MD) -> Path:
         f.write(text)
     os.replace(f.name, path)
     return path
+
+
+def omnilabel(*args: object) -> float:
+    """Run one ``omnilabel`` command as a user would (its output to stderr); returns its wall seconds.
+
+    Raises:
+        subprocess.CalledProcessError: the command failed.
+    """
+    t0 = time.perf_counter()
+    print("$ omnilabel " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "omnilabel", *map(str, args)], check=True, stdout=sys.stderr)
+    return time.perf_counter() - t0

@@ -22,27 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from _common import command_line, machine_line, markdown_table, today, usable_cores, write_section
+from _common import command_line, machine_line, markdown_table, omnilabel, today, usable_cores, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "examples" / "shapes"
 TEACHER = ROOT / "examples" / "teacher" / "shapes-sam.pt"
 PROMPTS = ("box", "noisy-box", "1-point", "3-points", "5-points")
-
-
-def omnilabel(*args: object) -> float:
-    """Run one command (its output to stderr); returns its wall seconds."""
-    t0 = time.perf_counter()
-    print("$ omnilabel " + " ".join(map(str, args)), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "omnilabel", *map(str, args)], check=True, stdout=sys.stderr)
-    return time.perf_counter() - t0
 
 
 def loose_weak(gt_path: Path, out: Path, kind: str, seed: int) -> Path:

@@ -21,26 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import command_line, machine_line, markdown_table, today, usable_cores, write_section
+from _common import command_line, machine_line, markdown_table, omnilabel, today, usable_cores, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "examples" / "shapes"
 TEACHER = ROOT / "examples" / "teacher" / "shapes-sam.pt"
-
-
-def omnilabel(*args: object) -> float:
-    """Run one command (its output to stderr); returns its wall seconds."""
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "omnilabel", *map(str, args)]
-    print("$ omnilabel " + " ".join(map(str, args)), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
-    return time.perf_counter() - t0
 
 
 def teacher_miou(teacher: Path | None, weak: Path, images: Path, gt: Path, out: Path) -> float:
