@@ -58,6 +58,16 @@ def _size_hw(size_hw: Sequence[int], name: str) -> tuple[int, int]:
     return int(size_hw[0]), int(size_hw[1])
 
 
+def _points_xy(a: Any, name: str, rows: str) -> np.ndarray:
+    """``a`` as (``rows``, 2) float64 xy (an empty input as (0, 2)); InputError naming ``name`` otherwise."""
+    p = _as_numpy(a).astype(np.float64)
+    if p.size == 0:
+        p = p.reshape(0, 2)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise InputError(f"{name} must be ({rows}, 2), got shape {p.shape}")
+    return p
+
+
 def instance_centroids_xy(masks: np.ndarray) -> np.ndarray:
     """Centroid of each visible mask from its image moments, spec §3.2: ``(m10/m00, m01/m00)``.
 
@@ -106,11 +116,7 @@ def centroid_heatmap(centroids_xy: np.ndarray, size_hw: Sequence[int], *, sigma_
         InputError: bad shapes, size or σ.
     """
     height, width = _size_hw(size_hw, "size_hw")
-    c = _as_numpy(centroids_xy).astype(np.float64)
-    if c.size == 0:
-        c = c.reshape(0, 2)
-    if c.ndim != 2 or c.shape[1] != 2:
-        raise InputError(f"centroids_xy must be (N, 2), got shape {c.shape}")
+    c = _points_xy(centroids_xy, "centroids_xy", "N")
     if not np.isfinite(sigma_px) or sigma_px <= 0:
         raise InputError(f"sigma_px must be a positive number, got {sigma_px}")
     heat = np.zeros((height, width), dtype=np.float64)
@@ -302,10 +308,6 @@ def scale_points_xy(points_xy: np.ndarray, from_hw: Sequence[int], to_hw: Sequen
     """
     fh, fw = _size_hw(from_hw, "from_hw")
     th, tw = _size_hw(to_hw, "to_hw")
-    p = _as_numpy(points_xy).astype(np.float64)
-    if p.size == 0:
-        p = p.reshape(0, 2)
-    if p.ndim != 2 or p.shape[1] != 2:
-        raise InputError(f"points_xy must be (K, 2), got shape {p.shape}")
+    p = _points_xy(points_xy, "points_xy", "K")
     scale = np.array([tw / fw, th / fh])
     return (p + 0.5) * scale - 0.5
