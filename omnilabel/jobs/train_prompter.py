@@ -34,7 +34,7 @@ from omnilabel.errors import InputError, JobError
 from omnilabel.events import OnEvent, emit
 from omnilabel.io import atomic_path, file_sha256, save_torch_atomic
 from omnilabel.jobs.jobdir import JobDir
-from omnilabel.jobs.merge import finished_records
+from omnilabel.jobs.merge import finished_records, write_errors
 from omnilabel.jobs.options import Dataset, JobOptions
 from omnilabel.jobs.runner import (
     Executor,
@@ -203,15 +203,14 @@ def run_train_prompter(train: Dataset, output: str | Path, *, val: Dataset | Non
                           on_event=on_event)
     errors: list[str] = []
     good = list(finished_records(jobdir, len(shards), errors))
+    errors_path = jobdir.path / "errors.jsonl"
+    write_errors(errors, errors_path)
     train_files = [Path(r["sample"]) for r in good if r["split"] == "train"]
     val_files = [Path(r["sample"]) for r in good if r["split"] == "val"]
     if not train_files:
-        raise JobError(f"all {sum(t.split == 'train' for t in tasks)} training images failed (see "
-                       f"{jobdir.path / 'errors.jsonl'})")
+        raise JobError(f"all {sum(t.split == 'train' for t in tasks)} training images failed (see {errors_path})")
     if errors:
-        write_errors = jobdir.path / "errors.jsonl"
-        write_errors.write_text("\n".join(errors) + "\n")
-        emit(on_event, "warning", message=f"{len(errors)} images failed and are left out (listed in {write_errors})")
+        emit(on_event, "warning", message=f"{len(errors)} images failed and are left out (listed in {errors_path})")
     result = _train(train_files, val_files, state_path, spec, refs, hpg, recipe, job, on_event)
     from omnilabel.teachers.uois import save_prompter
 
