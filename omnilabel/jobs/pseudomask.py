@@ -390,7 +390,6 @@ def run_pseudomask(inputs: Dataset, output: str | Path, job: JobOptions | None =
     if prompted:
         assert spec.prompter is not None
         manifest["models"]["prompter"] = model_id(spec.prompter)
-        manifest["models"]["prompter_sha256"] = refs["prompter"].sha256
         if classify_prompted:
             manifest["models"]["classifier"] = model_id(spec.clip or DEFAULT_CLIP)
         manifest["prompter"] = {"sha256": refs["prompter"].sha256, "classify": classify_prompted}
