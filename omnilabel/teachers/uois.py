@@ -155,7 +155,6 @@ class HDNet(nn.Module):
 
     def __init__(self, dim: int = 256, hidden: int = 256) -> None:
         super().__init__()
-        self.dim = dim
         self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
@@ -276,8 +275,10 @@ def select_masks(sam: SamTeacher, emb: ImageEmbedding, points_xy: np.ndarray, co
     """
     from omnilabel.ops.entity import mask_nms
 
-    logits, scores, chosen = [], [], []
-    for c in sam.decode_points_tokens(emb, np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)):
+    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    n = len(pts)
+    logits, scores, chosen = [np.zeros((0, *sam.sam.prompt_encoder.mask_input_size), np.float32)], [], []
+    for c in sam.decode_points_tokens(emb, pts):
         if hdnet is not None:
             dev = next(hdnet.parameters()).device
             with torch.no_grad():
@@ -291,22 +292,16 @@ def select_masks(sam: SamTeacher, emb: ImageEmbedding, points_xy: np.ndarray, co
         logits.append(c.low_res_logits[rows, best + first])
         scores.append(s[rows, best])
         chosen.append(best + first)
-    n = len(np.asarray(points_xy).reshape(-1, 2))
-    h, w = emb.original_size
-    empty = UoisMasks(np.zeros((0, h, w), dtype=bool), np.zeros(0, np.float32), np.zeros((0, 2)),
-                      np.zeros(0, np.int64), n, {"score": 0, "nms": 0, "area": 0})
-    if not n:
-        return empty
-    lr, sc, out = np.concatenate(logits), np.concatenate(scores).astype(np.float32), np.concatenate(chosen)
-    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    lr = np.concatenate(logits)
+    sc = np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32)
+    out = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
     keep = sc >= config.score_thresh
     dropped = {"score": int((~keep).sum())}
     lr, sc, out, pts = lr[keep], sc[keep], out[keep], pts[keep]
-    masks = sam.upsample(emb, lr) if len(lr) else empty.masks
+    masks = sam.upsample(emb, lr)
     order = np.argsort(-sc, kind="stable")
     masks, sc, out, pts = masks[order], sc[order], out[order], pts[order]
-    kept = mask_nms(masks, sc, iou_thresh=config.nms_iou) if len(masks) else np.zeros(0, np.int64)
-    kept = np.sort(np.asarray(kept, dtype=np.int64))
+    kept = np.sort(mask_nms(masks, sc, iou_thresh=config.nms_iou)) if len(masks) else np.zeros(0, np.int64)
     dropped["nms"] = len(masks) - len(kept)
     masks, sc, out, pts = masks[kept], sc[kept], out[kept], pts[kept]
     area = masks.sum(axis=(1, 2))
